@@ -1,0 +1,122 @@
+"""One checkpoint format for the whole project, written atomically and read without pickle.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)``: a file can never execute code. Writes go to a temporary file in
+the same folder followed by ``os.replace``, so a reader (or a killed writer) never sees a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from debias import __version__
+from debias.errors import DebiasError
+
+FORMAT = "debias-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training or to sample.
+
+    ``unet_kwargs`` are the exact ``UNetModel(**kwargs)`` arguments, so a model is rebuilt without
+    reinterpreting the config; ``ema`` maps the rate (as a string, e.g. "0.999") to its weights.
+    """
+
+    config: dict
+    unet_kwargs: dict
+    model: dict[str, Tensor]
+    ema: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    step: int = 0
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    library_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": self.library_version,
+                "config": self.config, "unet_kwargs": self.unet_kwargs, "model": self.model, "ema": self.ema,
+                "step": self.step, "optimizer": self.optimizer, "scaler": self.scaler, "rng": self.rng,
+                "extra": self.extra}
+
+    def weights(self, ema: bool = True) -> dict[str, Tensor]:
+        """The first EMA's weights if ``ema`` and any exist, else the raw model weights."""
+        if ema and self.ema:
+            return next(iter(self.ema.values()))
+        return self.model
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``.
+
+    Two concurrent writers each rename a complete file; the last one wins and no reader sees a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Save atomically (temp file + rename)."""
+    atomic_write(path, lambda f: torch.save(ckpt.to_dict(), f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint safely; any problem is one :class:`DebiasError` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DebiasError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise DebiasError(f"{path} is not a safe checkpoint (refused to unpickle: {first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DebiasError(f"{path} is not a debias checkpoint; import original weights with `debias convert`")
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise DebiasError(f"{path} has checkpoint format version {blob.get('format_version')}, expected {FORMAT_VERSION}")
+    return Checkpoint(config=blob["config"], unet_kwargs=blob["unet_kwargs"], model=blob["model"],
+                      ema=blob.get("ema") or {}, step=int(blob.get("step", 0)), optimizer=blob.get("optimizer"),
+                      scaler=blob.get("scaler"), rng=blob.get("rng") or {}, extra=blob.get("extra") or {},
+                      library_version=blob.get("library_version", "unknown"))
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """``model.load_state_dict(strict=True)`` with mismatches reported as one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise DebiasError(f"{source} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,1 @@
+"""Diffusion math: noise schedules, prediction targets, loss weightings and losses."""

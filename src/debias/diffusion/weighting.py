@@ -1,0 +1,128 @@
+"""Loss weightings as small pure functions of SNR — the weight w(SNR) on the ε-space MSE.
+
+The paper (Yu et al., ECCV 2024, §4) writes every objective as E_t[w(t) ‖ε − ε̂‖²]. A network that
+predicts another target is trained on the same objective expressed in its own space, using
+‖ε − ε̂‖² = SNR·‖x0 − x̂0‖² and ‖v − v̂‖² = (1 + SNR)·‖x0 − x̂0‖²:
+
+    w_x0 = w · SNR,    w_v = w · SNR / (1 + SNR).
+
+``constant`` is the one exception: unit weight on the chosen target's own MSE (the "simple" loss
+of DDPM for ε, and the plain x0-/v-MSE baselines of the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from debias.diffusion.targets import check_target
+
+
+@dataclass(frozen=True)
+class WeightingParams:
+    """Hyper-parameters of the weightings (params.yaml section ``loss``)."""
+
+    p2_gamma: float = 1.0        # γ of P2
+    p2_k: float = 1.0            # k of P2
+    min_snr_gamma: float = 5.0   # γ of Min-SNR
+    sigmoid_bias: float = 0.0    # b of the sigmoid weighting (tune per dataset)
+    edm_sigma_data: float = 0.5  # σ_data of EDM
+    normalize: bool = False      # rescale the applied weight to mean 1 over t
+
+
+def constant(snr: Tensor, p: WeightingParams) -> Tensor:
+    """w = 1: the plain MSE of the chosen target (Ho et al. 2020, L_simple, eq. 14)."""
+    return torch.ones_like(snr)
+
+
+def p2(snr: Tensor, p: WeightingParams) -> Tensor:
+    """Perception-prioritized weighting, w = 1/(k + SNR)^γ (Choi et al. 2022, eq. 8)."""
+    return 1.0 / (p.p2_k + snr) ** p.p2_gamma
+
+
+def min_snr(snr: Tensor, p: WeightingParams) -> Tensor:
+    """Min-SNR-γ, w = min(SNR, γ)/SNR = min(1, γ/SNR) on the ε-MSE (Hang et al. 2023, eq. 9)."""
+    return torch.clamp(p.min_snr_gamma / snr, max=1.0)
+
+
+def snr_weight(snr: Tensor, p: WeightingParams) -> Tensor:
+    """w = 1/SNR, which is exactly the unweighted x0-MSE."""
+    return 1.0 / snr
+
+
+def debias(snr: Tensor, p: WeightingParams) -> Tensor:
+    """The paper's debiased weighting, w = 1/√SNR (Yu et al. 2024, eq. 14)."""
+    return 1.0 / snr.sqrt()
+
+
+def max_snr(snr: Tensor, p: WeightingParams) -> Tensor:
+    """Truncated SNR, L = max(SNR, 1)·‖x0 − x̂0‖² (Salimans & Ho 2022, §4), i.e. w = max(1, 1/SNR)."""
+    return torch.clamp(1.0 / snr, min=1.0)
+
+
+def sigmoid(snr: Tensor, p: WeightingParams) -> Tensor:
+    """Sigmoid weighting, w = sigmoid(b − log SNR) on the ε-MSE (Kingma & Gao 2023, §5, eq. 19)."""
+    return torch.sigmoid(p.sigmoid_bias - snr.log())
+
+
+def edm(snr: Tensor, p: WeightingParams) -> Tensor:
+    """EDM's λ(σ) = (σ² + σ_d²)/(σ σ_d)² on the x0-MSE with σ² = 1/SNR (Karras et al. 2022, Table 1),
+    i.e. on the ε-MSE w = λ(σ)/SNR = 1 + 1/(σ_d² SNR)."""
+    return 1.0 + 1.0 / (p.edm_sigma_data ** 2 * snr)
+
+
+WEIGHTINGS: dict[str, Callable[[Tensor, WeightingParams], Tensor]] = {
+    "constant": constant,
+    "p2": p2,
+    "min_snr": min_snr,
+    "snr": snr_weight,
+    "debias": debias,
+    "max_snr": max_snr,
+    "sigmoid": sigmoid,
+    "edm": edm,
+}
+
+
+def check_weighting(name: str) -> str:
+    """Return ``name`` if it is a known weighting, else raise ValueError naming the allowed values."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return name
+
+
+def eps_weight(name: str, snr: Tensor, params: WeightingParams = WeightingParams()) -> Tensor:
+    """w(SNR) on the ε-space MSE, same shape and dtype as ``snr``."""
+    return WEIGHTINGS[check_weighting(name)](snr, params)
+
+
+def target_weight(name: str, snr: Tensor, target: str, params: WeightingParams = WeightingParams()) -> Tensor:
+    """The weight applied to the MSE of ``target`` so the objective equals w(SNR)·‖ε − ε̂‖²."""
+    check_target(target)
+    w = eps_weight(name, snr, params)
+    if name == "constant" or target == "eps":
+        return w
+    if target == "x0":
+        return w * snr
+    return w * snr / (1.0 + snr)
+
+
+def loss_weights(name: str, snr: Tensor, target: str, params: WeightingParams = WeightingParams()) -> Tensor:
+    """Per-timestep weight table (T,) for training, float64.
+
+    With ``params.normalize`` the applied weight is divided by its mean over the uniformly sampled
+    timesteps, so a recipe's loss has the scale of the plain MSE; the paper does not normalize
+    (debias has mean ≈ 17.8 on the 1000-step linear schedule).
+    """
+    w = target_weight(name, snr.to(torch.float64), target, params)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weighting {name!r} is not finite on this schedule")
+    return w / w.mean() if params.normalize else w
+
+
+def mean_weight(name: str, snr: Tensor, params: WeightingParams = WeightingParams()) -> float:
+    """Mean ε-space weight over the chain (for reports)."""
+    return float(eps_weight(name, snr.to(torch.float64), params).mean())
+
