@@ -7,19 +7,18 @@ the same folder followed by ``os.replace``, so a reader (or a killed writer) nev
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from debias import __version__
 from debias.errors import DebiasError
+from debias.io import atomic_write
 
 FORMAT = "debias-checkpoint"
 FORMAT_VERSION = 1
@@ -55,25 +54,6 @@ class Checkpoint:
         if ema and self.ema:
             return next(iter(self.ema.values()))
         return self.model
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``.
-
-    Two concurrent writers each rename a complete file; the last one wins and no reader sees a mix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:

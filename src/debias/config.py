@@ -55,12 +55,14 @@ class DataConfig:
     class_cond: bool = False         # labels from the dataset (digits) or sub-folder names (folder)
     random_flip: bool = False
     on_error: str = "skip"           # a corrupt image in a folder: skip it (reported) or fail
+    max_images: int | None = None    # use only the first N images (quick runs)
 
     def __post_init__(self):
         _one_of(self.name, DATASETS, "data.name")
         _require(self.image_size >= 4, "data.image_size", "must be >= 4")
         _require(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _one_of(self.on_error, ("skip", "fail"), "data.on_error")
+        _require(self.max_images is None or self.max_images >= 1, "data.max_images", "must be >= 1 or null")
         _require(self.name != "folder" or bool(self.path), "data.path", "is required when data.name is 'folder'")
 
 
@@ -178,6 +180,7 @@ class EvalConfig:
 
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr"])
     inception_weights: str | None = None
+    reference_images: int | None = None   # FID reference: a fixed random subset of the training set (null = all)
     kid_subset_size: int = 100
     pr_k: int = 3
     batch_size: int = 64
@@ -189,6 +192,8 @@ class EvalConfig:
         _require(self.kid_subset_size >= 2, "eval.kid_subset_size", "must be >= 2")
         _require(self.pr_k >= 1, "eval.pr_k", "must be >= 1")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.reference_images is None or self.reference_images >= 2, "eval.reference_images",
+                 "must be >= 2 or null")
         _one_of(self.device, DEVICES, "eval.device")
 
 
@@ -204,6 +209,7 @@ class AnalyzeConfig:
     color_samples: int = 256
     fid_solver: str = "ddim"         # solver/steps used to score the training snapshots
     fid_steps: int = 20
+    fid_samples: int = 64
 
     def __post_init__(self):
         _require(self.num_images >= 1, "analyze.num_images", "must be >= 1")
@@ -214,6 +220,7 @@ class AnalyzeConfig:
                  "must be a non-empty list of positive step counts")
         _require(self.color_samples >= 1, "analyze.color_samples", "must be >= 1")
         _require(self.fid_steps >= 1, "analyze.fid_steps", "must be >= 1")
+        _require(self.fid_samples >= 2, "analyze.fid_samples", "must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -240,10 +247,22 @@ class Config:
         _require(self.loss.p2_gamma >= 0, "loss.p2_gamma", "must be >= 0")
         _require(self.loss.min_snr_gamma > 0, "loss.min_snr_gamma", "must be > 0")
         _require(self.loss.edm_sigma_data > 0, "loss.edm_sigma_data", "must be > 0")
+        _require("kid" not in self.eval.metrics or self.eval.kid_subset_size <= self.sample.num_samples,
+                 "eval.kid_subset_size", f"must be <= sample.num_samples={self.sample.num_samples} (KID draws subsets of the samples)")
 
     def to_dict(self) -> dict:
         """Plain nested dict (what params.yaml holds and checkpoints store)."""
         return dataclasses.asdict(self)
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; accept such exponent literals as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -269,6 +288,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     elif hint is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
     elif hint is float:
+        value = _yaml11_float(value)
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
         value = float(value)
         _require(value == value and abs(value) != float("inf"), key, "must be finite")

@@ -1,0 +1,63 @@
+"""Atomic file writing and the small table/JSON formats the pipeline exchanges.
+
+Every output goes through :func:`atomic_write`: a temporary sibling, fsync, then ``os.replace``. A
+killed process leaves either the previous complete file or the new complete file, never a torn one,
+and two concurrent writers cannot interleave.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_tsv(path: str | Path, records: Sequence[dict]) -> None:
+    """A tab-separated table with a header row (the format `dvc plots` reads)."""
+    buf = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    write_text(path, buf.getvalue())
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    """Rows of a TSV written by :func:`write_tsv`, numbers converted to float."""
+    def number(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]

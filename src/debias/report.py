@@ -1,0 +1,156 @@
+"""Human-facing outputs: figures, the run report, and the cross-experiment comparison."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from debias.io import atomic_write, write_text  # noqa: E402
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> None:
+    """One line per series (label → (xs, ys)), saved as PNG."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return "—" if value is None else str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_rows(metrics_by_solver: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    """Rows solver × step count of FID, KID, precision, recall and seconds from the evaluate JSONs."""
+    rows = []
+    for solver, m in metrics_by_solver.items():
+        for steps, values in m.get("by_steps", {}).items():
+            rows.append([solver, int(steps), values.get("fid"), values.get("kid"), values.get("precision"),
+                         values.get("recall"), values.get("seconds")])
+    return rows
+
+
+def render_report(path: str | Path, *, recipe: Mapping[str, Any], metrics_by_solver: Mapping[str, Mapping[str, Any]],
+                  provenance: Mapping[str, Any] | None, training: Mapping[str, Any], figures: Sequence[str],
+                  grids: Mapping[str, str]) -> None:
+    """The run's markdown report: recipe, metrics per solver, training summary, figures, sample grids."""
+    parts = ["# debias run report", "", "## Recipe", "",
+             markdown_table(["key", "value"], [[k, v] for k, v in recipe.items()]), "",
+             "## Sample quality", "",
+             markdown_table(["solver", "steps", "FID", "KID", "precision", "recall", "seconds"],
+                            metrics_rows(metrics_by_solver)), ""]
+    if provenance:
+        parts += [f"Features: `{provenance.get('extractor')}`, weights sha256 `{str(provenance.get('weights_sha256'))[:16]}…` "
+                  f"({provenance.get('weights_source')}), torch-fidelity {provenance.get('torch_fidelity_version')}; "
+                  f"{provenance.get('n_generated')} generated vs {provenance.get('n_reference')} reference images.", ""]
+    parts += ["## Training", "", markdown_table(["", "value"], [[k, v] for k, v in training.items()]), ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
+    if grids:
+        parts += ["## Samples", ""] + [f"**{solver}**\n\n![{solver}]({grid})\n" for solver, grid in grids.items()]
+    write_text(path, "\n".join(parts) + "\n")
+
+
+def experiments_from_exp_show(data: Any) -> list[dict]:
+    """Flatten `dvc exp show --json` into records {name, params (params.yaml dict), metrics {file: dict}}."""
+    found: list[dict] = []
+
+    def walk(node: Any, name: str | None) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, name)
+        elif isinstance(node, dict):
+            label = node.get("name") or name or node.get("rev")
+            payload = node.get("data")
+            if isinstance(payload, dict) and "params" in payload:
+                params = (payload.get("params") or {}).get("params.yaml", {}).get("data", {})
+                metrics = {f: (v or {}).get("data", {}) for f, v in (payload.get("metrics") or {}).items()}
+                if metrics:
+                    found.append({"name": label or payload.get("rev", "?"), "params": params, "metrics": metrics})
+            for key in ("experiments", "revs"):
+                if key in node:
+                    walk(node[key], label if key == "revs" else None)
+
+    walk(data, None)
+    return found
+
+
+def comparison_rows(experiments: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Paper-style table: one row per experiment (weighting, target), one FID column per solver."""
+    solvers = sorted({Path(f).stem for e in experiments for f in e["metrics"] if f.startswith("metrics/")})
+    rows = []
+    for e in experiments:
+        p = e["params"]
+        fids = {Path(f).stem: m.get("fid") for f, m in e["metrics"].items() if f.startswith("metrics/")}
+        rows.append([e["name"], p.get("weighting"), p.get("target"), *[fids.get(s) for s in solvers]])
+    return ["experiment", "weighting", "target", *[f"FID {s}" for s in solvers]], rows
+
+
+def render_comparison(out_dir: str | Path, experiments: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """Write ``comparison.md`` and ``comparison.png`` (FID per recipe and solver) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    header, rows = comparison_rows(experiments)
+    solvers = [h[4:] for h in header[3:]]
+    md = out_dir / "comparison.md"
+    write_text(md, "# Recipe comparison\n\n" + markdown_table(header, rows) + "\n")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) * max(1, len(solvers)) / 2), 3.6))
+    width = 0.8 / max(1, len(solvers))
+    for j, solver in enumerate(solvers):
+        xs = [i + j * width for i in range(len(rows))]
+        ax.bar(xs, [r[3 + j] if isinstance(r[3 + j], (int, float)) else 0 for r in rows], width, label=solver)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{r[1]}/{r[2]}\n{r[0]}" for r in rows], fontsize=7)
+    ax.set(ylabel="FID (lower is better)", title="FID per recipe and solver")
+    ax.legend(fontsize=7)
+    png = out_dir / "comparison.png"
+    save_figure(fig, png)
+    return md, png
+
+
+def save_sample_rows(path: str | Path, rows: Mapping[str, torch.Tensor]) -> None:
+    """A labelled grid: one row per entry (label → uint8 images (n, C, H, W)), e.g. the same seeds
+    sampled with 2, 3, 5, … steps (the paper's Figure 1 layout)."""
+    import torch
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.1 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        strip = torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy()
+        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    save_figure(fig, path)

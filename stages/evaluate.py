@@ -1,0 +1,30 @@
+"""Stage `evaluate@<solver>`: FID / KID / precision-recall of each step count's samples."""
+
+from debias.config import Config
+from debias.errors import DebiasError
+from debias.io import write_json, write_tsv
+from debias.metrics import compute_metrics, load_features, load_images
+from debias.pipeline import METRICS, REFERENCE_FEATURES, run_stage, samples_file
+
+
+def main(cfg: Config, args: list[str]) -> None:
+    if len(args) != 1:
+        raise DebiasError("usage: stages/evaluate.py SOLVER")
+    solver, e = args[0], cfg.eval
+    reference = load_features(REFERENCE_FEATURES)
+    by_steps, provenance = {}, None
+    for steps in cfg.sample.steps:
+        result = compute_metrics(load_images(samples_file(solver, steps)), reference,
+                                 weights=e.inception_weights, metrics=e.metrics, kid_subset_size=e.kid_subset_size,
+                                 pr_k=e.pr_k, batch_size=e.batch_size, device=e.device)
+        provenance = result.pop("provenance")
+        by_steps[str(steps)] = {**result, "seconds": provenance["seconds"]}
+    headline = by_steps[str(cfg.sample.steps[0])]
+    write_json(METRICS / f"{solver}.json", {
+        **{k: v for k, v in headline.items() if k != "seconds"}, "steps": cfg.sample.steps[0],
+        "by_steps": by_steps, "provenance": provenance})
+    write_tsv(METRICS / f"{solver}_vs_steps.tsv", [{"steps": int(k), **v} for k, v in by_steps.items()])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,38 @@
+"""Stage `report`: reports/report.md with the metrics per solver, the recipe, training curves,
+the analysis figures and a sample grid per solver."""
+
+import json
+
+from debias.config import Config
+from debias.io import read_tsv
+from debias.pipeline import FIGURES, LOGS, METRICS, REPORTS, run_stage, samples_file
+from debias.report import plot_lines, render_report
+from debias.sampling import load_npz, save_png_grid
+
+
+def main(cfg: Config, args: list[str]) -> None:
+    metrics = {solver: json.loads((METRICS / f"{solver}.json").read_text()) for solver in cfg.sample.solvers}
+    log = read_tsv(LOGS / "train_log.tsv")
+    plot_lines(REPORTS / "train_loss.png", {"loss": ([r["step"] for r in log], [r["loss"] for r in log])},
+               title="training loss", xlabel="step", ylabel="loss", logy=True)
+    grids = {}
+    for solver in cfg.sample.solvers:
+        save_png_grid(load_npz(samples_file(solver, cfg.sample.steps[0]))[:64], REPORTS / f"grid_{solver}.png")
+        grids[f"{solver}, {cfg.sample.steps[0]} steps"] = f"grid_{solver}.png"
+    last = log[-1] if log else {}
+    render_report(
+        REPORTS / "report.md",
+        recipe={"weighting": cfg.weighting, "target": cfg.target, "dataset": cfg.data.name,
+                "schedule": f"{cfg.diffusion.schedule}, T={cfg.diffusion.steps}", "train steps": cfg.train.steps,
+                "batch size": cfg.train.batch_size, "samples per solver": cfg.sample.num_samples},
+        metrics_by_solver=metrics,
+        provenance=next(iter(metrics.values()))["provenance"] if metrics else None,
+        training={"final step": int(last.get("step", 0)), "final loss": last.get("loss"),
+                  "images/s": last.get("images_per_s")},
+        figures=["train_loss.png"] + [f"../{FIGURES}/{name}" for name in
+                                      ("x0_bias.png", "color_shift.png", "color_grid.png", "fid_vs_train.png")],
+        grids=grids)
+
+
+if __name__ == "__main__":
+    run_stage(main)
