@@ -10,7 +10,8 @@ from debias.metrics import compute_metrics, load_features
 from debias.models.factory import model_from_checkpoint
 from debias.pipeline import FIGURES, MODEL, PLOTS, REFERENCE_FEATURES, SNAPSHOTS, load_prepared, run_stage, to_uint8
 from debias.report import plot_lines, save_sample_rows
-from debias.sampling import generate_from_checkpoint, model_fn, schedule_from_config
+from debias.diffusion.schedule import Schedule
+from debias.sampling import sample_checkpoint, solver_options
 
 
 def main(cfg: Config, args: list[str]) -> None:
@@ -20,11 +21,11 @@ def main(cfg: Config, args: list[str]) -> None:
     sampling = dict(batch_size=s.batch_size, clip_x0=s.clip_x0, spacing=s.spacing, ema=s.ema)
 
     # x0 bias per timestep on real images
-    schedule = schedule_from_config(ckpt.config)
-    model = model_from_checkpoint(ckpt, ema=s.ema)
+    schedule = Schedule.named(ckpt.config["diffusion"]["schedule"], ckpt.config["diffusion"]["steps"])
+    model = model_from_checkpoint(ckpt, ema=s.ema, source=str(MODEL))
     n = min(a.num_images, len(dataset))
     labels = dataset.labels[:n] if dataset.labels is not None and model.num_classes else None
-    rows = x0_bias_per_timestep(model_fn(model), schedule, ckpt.config["target"], ckpt.config["model"]["learn_sigma"],
+    rows = x0_bias_per_timestep(model, schedule, ckpt.config["target"], ckpt.config["model"]["learn_sigma"],
                                 dataset.images[:n], evaluation_timesteps(schedule.num_timesteps, a.timesteps),
                                 seed=a.seed, batch_size=s.batch_size, labels=labels)
     table = bias_table(rows)
@@ -35,8 +36,9 @@ def main(cfg: Config, args: list[str]) -> None:
                title=f"x̂0 error per timestep ({cfg.weighting}, {cfg.target})", xlabel="t", ylabel="x̂0 error", logy=True)
 
     # colour shift vs number of sampling steps (same seeds at every step count)
-    samples = {steps: generate_from_checkpoint(ckpt, solver=a.color_solver, steps=steps, num_samples=a.color_samples,
-                                               seed=a.seed, **sampling) for steps in a.color_steps}
+    samples = {steps: sample_checkpoint(MODEL, solver=a.color_solver, steps=steps, num_samples=a.color_samples,
+                                        seed=a.seed, **sampling, **solver_options(a.color_solver, s))
+               for steps in a.color_steps}
     shift = shift_table(color_shift(samples, channel_means(to_uint8(dataset.images))))
     write_tsv(PLOTS / "color_shift.tsv", shift)
     plot_lines(FIGURES / "color_shift.png", {"‖mean shift‖": ([r["steps"] for r in shift], [r["shift_norm"] for r in shift])},
@@ -48,12 +50,11 @@ def main(cfg: Config, args: list[str]) -> None:
     reference = load_features(REFERENCE_FEATURES)
     fid_rows = []
     for path in sorted(SNAPSHOTS.glob("step_*.pt")):
-        snap = load_checkpoint(path)
-        images = generate_from_checkpoint(snap, solver=a.fid_solver, steps=a.fid_steps, num_samples=a.fid_samples,
-                                          seed=a.seed, **sampling)
+        images = sample_checkpoint(path, solver=a.fid_solver, steps=a.fid_steps, num_samples=a.fid_samples,
+                                   seed=a.seed, **sampling, **solver_options(a.fid_solver, s))
         result = compute_metrics(images, reference, weights=cfg.eval.inception_weights, metrics=("fid",),
                                  batch_size=cfg.eval.batch_size, device=cfg.eval.device)
-        fid_rows.append({"train_step": snap.step, "fid": result["fid"]})
+        fid_rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
     write_tsv(PLOTS / "fid_vs_train.tsv", fid_rows)
     plot_lines(FIGURES / "fid_vs_train.png", {"FID": ([r["train_step"] for r in fid_rows], [r["fid"] for r in fid_rows])},
                title=f"FID vs training ({a.fid_solver}, {a.fid_steps} steps)", xlabel="training step", ylabel="FID")

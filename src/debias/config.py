@@ -157,6 +157,7 @@ class SampleConfig:
     spacing: str = "even"
     eta: float = 0.0                 # DDIM η
     order: int = 2                   # DPM-Solver / UniPC order
+    unipc_variant: str = "bh2"       # UniPC B(h): bh1 or bh2
     ema: bool = True                 # sample the first EMA's weights
     compile: bool = False
 
@@ -172,6 +173,7 @@ class SampleConfig:
         _one_of(self.spacing, SPACINGS, "sample.spacing")
         _require(self.eta >= 0, "sample.eta", "must be >= 0")
         _require(1 <= self.order <= 3, "sample.order", "must be 1, 2 or 3")
+        _one_of(self.unipc_variant, ("bh1", "bh2"), "sample.unipc_variant")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def experiments_from_exp_show(data: Any) -> list[dict]:
             payload = node.get("data")
             if isinstance(payload, dict) and "params" in payload:
                 params = (payload.get("params") or {}).get("params.yaml", {}).get("data", {})
-                metrics = {f: (v or {}).get("data", {}) for f, v in (payload.get("metrics") or {}).items()}
+                metrics = {f: v["data"] for f, v in (payload.get("metrics") or {}).items()
+                           if isinstance(v, dict) and isinstance(v.get("data"), dict)}
                 if metrics:
                     found.append({"name": label or payload.get("rev", "?"), "params": params, "metrics": metrics})
             for key in ("experiments", "revs"):

