@@ -5,7 +5,8 @@ import torch
 from debias.config import Config
 from debias.data import load_dataset
 from debias.metrics import extract_features, resolve_inception_weights, save_features
-from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, run_stage, save_prepared, to_uint8
+from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, run_stage, save_prepared
+from debias.sampling import to_uint8
 
 
 def main(cfg: Config, args: list[str]) -> None:

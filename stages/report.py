@@ -17,7 +17,9 @@ def main(cfg: Config, args: list[str]) -> None:
                title="training loss", xlabel="step", ylabel="loss", logy=True)
     grids = {}
     for solver in cfg.sample.solvers:
-        save_png_grid(load_npz(samples_file(solver, cfg.sample.steps[0]))[:64], REPORTS / f"grid_{solver}.png")
+        images = load_npz(samples_file(solver, cfg.sample.steps[0]))[:64]
+        zoom = max(1, 48 // images.shape[-1])  # tiny images are enlarged (nearest) so a person can see them
+        save_png_grid(images.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), REPORTS / f"grid_{solver}.png")
         grids[f"{solver}, {cfg.sample.steps[0]} steps"] = f"grid_{solver}.png"
     last = log[-1] if log else {}
     render_report(

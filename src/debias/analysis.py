@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from debias.checkpoints import load_checkpoint
 from debias.diffusion import targets
 from debias.diffusion.reverse import split_output
 from debias.diffusion.schedule import Schedule
+from debias.errors import DebiasError
+from debias.io import write_tsv
+from debias.metrics import compute_metrics
+from debias.models.factory import model_from_checkpoint
+from debias.report import plot_lines, save_sample_rows
+from debias.sampling import sample_checkpoint
 
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -109,3 +117,54 @@ def shift_table(rows: Sequence[ShiftRow]) -> list[dict]:
     """Plot-ready records (one per step count) with per-channel mean and shift columns."""
     return [{"steps": r.steps, "shift_norm": r.shift_norm, **{f"shift_c{c}": s for c, s in enumerate(r.shift)},
              **{f"mean_c{c}": m for c, m in enumerate(r.mean)}} for r in rows]
+
+
+def write_bias_analysis(checkpoint: Path, images: Tensor, labels: Tensor | None, *, timesteps: int, seed: int,
+                        batch_size: int, ema: bool, tsv: Path, png: Path) -> list[dict]:
+    """x̂0 error per timestep of a checkpoint on real images (N, C, H, W) in [-1, 1]: TSV + figure."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.config
+    schedule = Schedule.named(cfg["diffusion"]["schedule"], int(cfg["diffusion"]["steps"]))
+    model = model_from_checkpoint(ckpt, ema=ema, source=str(checkpoint))
+    if labels is None and model.num_classes:
+        raise DebiasError(f"{checkpoint} is class-conditional; the images need labels")
+    rows = x0_bias_per_timestep(model, schedule, cfg["target"], bool(cfg["model"]["learn_sigma"]), images,
+                                evaluation_timesteps(schedule.num_timesteps, timesteps), seed=seed,
+                                batch_size=batch_size, labels=labels if model.num_classes else None)
+    table = bias_table(rows)
+    write_tsv(tsv, table)
+    ts = [r["t"] for r in table]
+    plot_lines(png, {"‖bias‖ (signed mean error)": (ts, [r["bias_norm"] for r in table]),
+                     "MSE": (ts, [r["mse"] for r in table])},
+               title=f"x̂0 error per timestep ({cfg.get('weighting')}, {cfg['target']})", xlabel="t",
+               ylabel="x̂0 error", logy=True)
+    return table
+
+
+def write_color_analysis(checkpoint: Path, data_mean: Tensor, *, solver: str, steps: Sequence[int], num_samples: int,
+                         seed: int, tsv: Path, png: Path, grid_png: Path, **sampling) -> list[dict]:
+    """Colour shift vs sampling steps with the same seeds at every step count: TSV, curve and the
+    Figure-1-style grid (one row of the first 8 seeds per step count)."""
+    samples = {n: sample_checkpoint(checkpoint, solver=solver, steps=n, num_samples=num_samples, seed=seed, **sampling)
+               for n in steps}
+    table = shift_table(color_shift(samples, data_mean))
+    write_tsv(tsv, table)
+    plot_lines(png, {"‖mean shift‖": ([r["steps"] for r in table], [r["shift_norm"] for r in table])},
+               title=f"colour shift vs sampling steps ({solver})", xlabel="sampling steps",
+               ylabel="‖sample mean − data mean‖", logx=True)
+    save_sample_rows(grid_png, {f"{n} steps": images[:8] for n, images in samples.items()})
+    return table
+
+
+def write_fid_vs_training(snapshots: Sequence[Path], reference, *, solver: str, steps: int, num_samples: int,
+                          seed: int, eval_options: dict, tsv: Path, png: Path, **sampling) -> list[dict]:
+    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver: TSV + curve."""
+    rows = []
+    for path in sorted(snapshots):
+        images = sample_checkpoint(path, solver=solver, steps=steps, num_samples=num_samples, seed=seed, **sampling)
+        result = compute_metrics(images, reference, metrics=("fid",), **eval_options)
+        rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
+    write_tsv(tsv, rows)
+    plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},
+               title=f"FID vs training ({solver}, {steps} steps)", xlabel="training step", ylabel="FID")
+    return rows

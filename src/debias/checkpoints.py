@@ -8,7 +8,7 @@ the same folder followed by ``os.replace``, so a reader (or a killed writer) nev
 from __future__ import annotations
 
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,22 +61,39 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_write(path, lambda f: torch.save(ckpt.to_dict(), f))
 
 
+def load_error_reason(err: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (torch's own message starts with advice to load
+    with ``weights_only=False``, which must never be followed for an untrusted file)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)[:200]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint safely; any problem is one :class:`DebiasError` line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DebiasError(f"checkpoint not found: {path}")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the "pickle protocol" of random bytes
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise DebiasError(f"{path} is not a safe checkpoint (refused to unpickle: {first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(err).splitlines()[0][:200]})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        reason = load_error_reason(err)
+        if "GLOBAL" in reason:
+            raise DebiasError(f"{path} is not a safe checkpoint (refused to unpickle: {reason})") from None
+        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {reason})") from None
+    except Exception as err:  # noqa: BLE001 — a damaged file makes torch.load raise many types
+        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {load_error_reason(err)})") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("format"), str) or blob["format"] != FORMAT:
         raise DebiasError(f"{path} is not a debias checkpoint; import original weights with `debias convert`")
-    if blob.get("format_version") != FORMAT_VERSION:
+    if not isinstance(blob.get("format_version"), int) or blob["format_version"] != FORMAT_VERSION:
         raise DebiasError(f"{path} has checkpoint format version {blob.get('format_version')}, expected {FORMAT_VERSION}")
+    for key in ("config", "unet_kwargs", "model"):
+        if not isinstance(blob.get(key), dict):
+            raise DebiasError(f"{path} is not a complete debias checkpoint: '{key}' is missing or not a mapping")
+    if not isinstance(blob.get("step", 0), int):
+        raise DebiasError(f"{path} is not a complete debias checkpoint: 'step' is not an integer")
     return Checkpoint(config=blob["config"], unet_kwargs=blob["unet_kwargs"], model=blob["model"],
                       ema=blob.get("ema") or {}, step=int(blob.get("step", 0)), optimizer=blob.get("optimizer"),
                       scaler=blob.get("scaler"), rng=blob.get("rng") or {}, extra=blob.get("extra") or {},

@@ -5,7 +5,11 @@ Every command turns a :class:`~debias.errors.DebiasError` into one line on stder
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,6 +23,19 @@ from debias.errors import DebiasError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and score diffusion models with any target and loss weighting.")
+
+
+@contextlib.contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields the ``progress(done, total)`` callback the library takes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)  # no bar (not even a blank line) when stderr is not a terminal
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -100,22 +117,124 @@ def sample_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Sample images from a checkpoint with any solver."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from debias.sampling import sample_checkpoint, writer_for
 
     write = writer_for(out, out_dir)
     options = {k: v for k, v in {"eta": eta, "order": order, "variant": variant}.items() if v is not None}
-    columns = (TextColumn(f"{solver} {steps} steps"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("sample", total=None)
+    with progress_bar(f"{solver} {steps} steps") as progress:
         images = sample_checkpoint(checkpoint, solver, steps, num_samples, seed, batch_size,
                                    class_labels=class_label, spacing=spacing, clip_x0=clip, ema=ema, device=device,
-                                   progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                   **options)
+                                   progress=progress, **options)
     path = write(images)
     typer.echo(f"{path}: {len(images)} samples ({solver}, {steps} steps, seed {seed})")
+
+
+@app.command("fid")
+@user_errors
+def fid_command(
+    generated: str = typer.Argument(..., help="An .npz of uint8 images, an image folder, or a built-in dataset name."),
+    reference: str = typer.Argument(..., help="The same kinds, or a features .npz written by the prepare stage."),
+    metrics: list[str] = typer.Option(["fid", "kid", "pr"], "--metric", "-m", help="fid, kid, pr (repeatable)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Inception weights file (default: offline standard weights)."),
+    kid_subset_size: int = typer.Option(100, "--kid-subset-size", help="KID subset size (<= both set sizes)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use at most N images of each side."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    device: str = typer.Option("cpu", "--device"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON here."),
+) -> None:
+    """FID / KID / precision-recall between two image sets, offline."""
+    from debias.io import write_json
+    from debias.metrics import compute_metrics
+    from debias.sampling import resolve_device
+    from debias.sources import image_source
+
+    gen = image_source(generated, max_images=max_images)
+    ref = image_source(reference, like=gen, max_images=max_images)
+    with progress_bar("Inception features") as progress:
+        result = compute_metrics(gen, ref, weights=weights, metrics=metrics, kid_subset_size=kid_subset_size,
+                                 batch_size=batch_size, device=str(resolve_device(device)), progress=progress)
+    if out is not None:
+        write_json(out, result)
+    for key, value in result.items():
+        if key != "provenance":
+            typer.echo(f"{key:<10} {value:.6g}")
+    p = result["provenance"]
+    typer.echo(f"({p['n_generated']} vs {p['n_reference']} images, {p['extractor']}, weights {p['weights_sha256'][:12]}…)")
+
+
+@app.command("analyze")
+@user_errors
+def analyze_command(
+    checkpoint: Path = typer.Argument(..., help="A debias checkpoint."),
+    data: str = typer.Option("digits", "--data", help="Real images: a built-in dataset name, an image folder or an .npz."),
+    out_dir: Path = typer.Option(Path("analysis"), "--out-dir", "-o"),
+    num_images: int = typer.Option(256, "--num-images"),
+    timesteps: int = typer.Option(20, "--timesteps", help="Timesteps evaluated, spread evenly over the chain."),
+    solver: str = typer.Option("ddim", "--solver", help="Solver for the colour-shift curve."),
+    steps: list[int] = typer.Option([2, 3, 5, 10, 20, 50], "--steps", help="Step counts for the colour-shift curve (repeatable)."),
+    num_samples: int = typer.Option(256, "--num-samples", "-n"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    ema: bool = typer.Option(True, "--ema/--no-ema"),
+) -> None:
+    """The paper's evidence for one model: x0 bias per timestep and colour shift vs sampling steps."""
+    from debias.analysis import channel_means, write_bias_analysis, write_color_analysis
+    from debias.checkpoints import load_checkpoint
+    from debias.sources import image_source
+
+    ckpt = load_checkpoint(checkpoint)
+    shape = (ckpt.unet_kwargs["in_channels"], ckpt.unet_kwargs["image_size"])
+    images = image_source(data, shape=shape)
+    if not isinstance(images, torch.Tensor):
+        raise DebiasError("--data must be images, not precomputed features")
+    real = images[:num_images].float().div(127.5).sub(1.0)
+    write_bias_analysis(checkpoint, real, None, timesteps=timesteps, seed=seed, batch_size=batch_size, ema=ema,
+                        tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png")
+    write_color_analysis(checkpoint, channel_means(images), solver=solver, steps=steps, num_samples=num_samples,
+                         seed=seed, tsv=out_dir / "color_shift.tsv", png=out_dir / "color_shift.png",
+                         grid_png=out_dir / "color_grid.png", batch_size=batch_size, ema=ema)
+    typer.echo(f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    exp_json: Optional[Path] = typer.Option(None, "--exp-json", help="Output of `dvc exp show --json` (default: run it here)."),
+    out_dir: Path = typer.Option(Path("reports/compare"), "--out-dir", "-o"),
+) -> None:
+    """The paper-style comparison across DVC experiments: FID per recipe and solver, and the
+    x0-bias / colour-shift / FID-vs-training curves of every experiment overlaid."""
+    from debias.report import compare_experiments
+
+    if exp_json is not None:
+        try:
+            table = json.loads(exp_json.read_text())
+        except (OSError, ValueError) as err:
+            raise DebiasError(f"cannot read {exp_json}: {err}") from None
+    else:
+        try:
+            shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise DebiasError(f"`dvc exp show --json` failed here: {getattr(err, 'stderr', '') or err}".strip()) from None
+        table = json.loads(shown.stdout)
+    written = compare_experiments(table, out_dir)
+    typer.echo(", ".join(str(p) for p in written))
+
+
+@app.command("convert")
+@user_errors
+def convert_command(
+    state_dict: Path = typer.Argument(..., help="A bare state dict saved by the original code (e.g. ema_0.9999_500000.pt)."),
+    flags: str = typer.Option(..., "--flags", help='Its training flags, e.g. "--image_size 256 --num_channels 128 --learn_sigma True".'),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the debias checkpoint."),
+) -> None:
+    """Import a checkpoint of the original implementation (guided-diffusion / the paper's fork)."""
+    from debias.convert import convert_checkpoint, parse_flags
+
+    ckpt = convert_checkpoint(state_dict, parse_flags(flags), out)
+    cfg = ckpt.config
+    typer.echo(f"{out}: {cfg['data']['image_size']}x{cfg['data']['image_size']} UNet, target {cfg['target']}, "
+               f"{cfg['diffusion']['schedule']} schedule, T={cfg['diffusion']['steps']}")
 
 
 def main() -> None:

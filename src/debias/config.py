@@ -59,7 +59,7 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of(self.name, DATASETS, "data.name")
-        _require(self.image_size >= 4, "data.image_size", "must be >= 4")
+        _require(4 <= self.image_size <= 4096, "data.image_size", "must be in [4, 4096]")
         _require(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _one_of(self.on_error, ("skip", "fail"), "data.on_error")
         _require(self.max_images is None or self.max_images >= 1, "data.max_images", "must be >= 1 or null")
@@ -83,11 +83,11 @@ class ModelConfig:
     use_new_attention_order: bool = False
 
     def __post_init__(self):
-        _require(self.model_channels >= 1, "model.model_channels", "must be >= 1")
+        _require(1 <= self.model_channels <= 4096, "model.model_channels", "must be in [1, 4096]")
         _require(self.model_channels % 32 == 0, "model.model_channels", "must be a multiple of 32 (GroupNorm uses 32 groups)")
-        _require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "model.channel_mult",
-                 "must be a non-empty list of positive integers")
-        _require(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
+        _require(1 <= len(self.channel_mult) <= 12 and all(1 <= m <= 64 for m in self.channel_mult), "model.channel_mult",
+                 "must be a list of 1 to 12 integers in [1, 64]")
+        _require(1 <= self.num_res_blocks <= 64, "model.num_res_blocks", "must be in [1, 64]")
         _require(all(r >= 1 for r in self.attention_resolutions), "model.attention_resolutions", "must be positive")
         _require(self.num_head_channels >= 1, "model.num_head_channels", "must be >= 1")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
@@ -128,7 +128,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.steps >= 1, "train.steps", "must be >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(1 <= self.batch_size <= 1_000_000, "train.batch_size", "must be in [1, 1000000]")
         _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -322,6 +322,8 @@ def apply_overrides(raw: dict, overrides: typing.Iterable[str]) -> dict:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        except RecursionError:
+            raise ConfigError(f"override {dotted.strip()!r}: value nested too deeply") from None
         node = raw
         *parents, leaf = dotted.strip().split(".")
         for part in parents:
@@ -349,6 +351,8 @@ def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str
         raise ConfigError(f"params file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read params file {path}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a params file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

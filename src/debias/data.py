@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from debias.config import DataConfig
-from debias.errors import DebiasError
+from debias.errors import DebiasError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def _class_labels(root: Path, files: list[Path]) -> tuple[list[str], list[int]]:
 def _report_skipped(root: Path, skipped: list[tuple[str, str]], total: int) -> None:
     shown = "; ".join(f"{name} ({why})" for name, why in skipped[:_SHOWN_SKIPPED])
     more = f"; and {len(skipped) - _SHOWN_SKIPPED} more" if len(skipped) > _SHOWN_SKIPPED else ""
-    log.warning("warning: skipped %d of %d images in %s: %s%s", len(skipped), total, root, shown, more)
+    log.warning("warning: skipped %d of %d images in %s: %s%s", len(skipped), total, one_line(str(root)),
+                one_line(shown), more)
 
 
 def _read_or_reason(path: Path, image_size: int, channels: int) -> np.ndarray | BadImage:

@@ -6,5 +6,18 @@ code 2; every other exception is a bug and keeps its traceback.
 """
 
 
+# every character str.splitlines() breaks at, shown escaped so that a message is always one line
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (e.g. from a file name, key or value) shown escaped."""
+    return text.translate(_LINE_BREAKS)
+
+
 class DebiasError(Exception):
-    """A user-facing error: the message names the problem in one line."""
+    """A user-facing error: the message names the problem in one line (line breaks that come from
+    file names, keys or values are shown escaped)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())

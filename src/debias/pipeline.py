@@ -18,6 +18,7 @@ from debias.config import Config, load_config
 from debias.data import ImageDataset
 from debias.errors import DebiasError
 from debias.io import atomic_write
+from debias.sampling import to_uint8
 
 PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared.npz")
@@ -36,11 +37,6 @@ REPORTS = Path("reports")
 def samples_file(solver: str, steps: int) -> Path:
     """Where ``sample@<solver>`` writes the uint8 samples for one step count."""
     return SAMPLES / solver / f"steps_{steps}.npz"
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats (N, C, H, W) → uint8 with round-to-nearest (as guided-diffusion's sampler)."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def save_prepared(path: Path, dataset: ImageDataset) -> None:

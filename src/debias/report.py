@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from debias.errors import DebiasError  # noqa: E402
 from debias.io import atomic_write, write_text  # noqa: E402
 
 
@@ -100,7 +103,8 @@ def experiments_from_exp_show(data: Any) -> list[dict]:
                 metrics = {f: v["data"] for f, v in (payload.get("metrics") or {}).items()
                            if isinstance(v, dict) and isinstance(v.get("data"), dict)}
                 if metrics:
-                    found.append({"name": label or payload.get("rev", "?"), "params": params, "metrics": metrics})
+                    found.append({"name": label or payload.get("rev", "?"), "rev": payload.get("rev", "workspace"),
+                                  "params": params, "metrics": metrics})
             for key in ("experiments", "revs"):
                 if key in node:
                     walk(node[key], label if key == "revs" else None)
@@ -155,3 +159,51 @@ def save_sample_rows(path: str | Path, rows: Mapping[str, torch.Tensor]) -> None
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     save_figure(fig, path)
+
+
+CURVES = {  # plots file → (x column, y column, title, log x)
+    "plots/x0_bias.tsv": ("t", "bias_norm", "x̂0 bias per timestep", False),
+    "plots/color_shift.tsv": ("steps", "shift_norm", "colour shift vs sampling steps", True),
+    "plots/fid_vs_train.tsv": ("train_step", "fid", "FID vs training steps", False),
+}
+
+
+def _tsv_at(rev: str, path: str) -> list[dict] | None:
+    """A TSV as committed at ``rev`` (an experiment's commit), or from the working tree for the workspace."""
+    if rev == "workspace":
+        text = Path(path).read_text() if Path(path).is_file() else None
+    else:
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        text = shown.stdout if shown.returncode == 0 else None
+    if not text:
+        return None
+    return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text), delimiter="\t")]
+
+
+def _number(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def compare_experiments(exp_show: Any, out_dir: str | Path) -> list[Path]:
+    """From `dvc exp show --json`: the FID table and bar chart, plus each analysis curve with one
+    line per experiment. Returns the files written."""
+    experiments = experiments_from_exp_show(exp_show)
+    if not experiments:
+        raise DebiasError("no experiments with metrics found (run `dvc repro` or `dvc exp run` first)")
+    out_dir = Path(out_dir)
+    written = list(render_comparison(out_dir, experiments))
+    for path, (x, y, title, logx) in CURVES.items():
+        series = {}
+        for e in experiments:
+            rows = _tsv_at(e["rev"], path)
+            if rows:
+                label = f"{e['name']} ({e['params'].get('weighting')}/{e['params'].get('target')})"
+                series[label] = ([r[x] for r in rows], [r[y] for r in rows])
+        if series:
+            png = out_dir / f"compare_{Path(path).stem}.png"
+            plot_lines(png, series, title=title, xlabel=x, ylabel=y, logx=logx)
+            written.append(png)
+    return written

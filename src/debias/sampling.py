@@ -64,7 +64,7 @@ def generate(model: Callable, schedule: Schedule, target: str, learn_sigma: bool
              class_labels: Sequence[int] | None = None, clip_x0: bool = True, spacing: str = "even",
              device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
              image_shape: Sequence[int] | None = None, num_classes: int | None = None,
-             **solver_options) -> Tensor:
+             compile: bool = False, precision: str = "fp32", **solver_options) -> Tensor:
     """Sample images with ``solver``; returns uint8 (N, C, H, W) on the CPU, in the order of ``indices``.
 
     ``model`` (on ``device``) is called as ``model(x, t, y)`` with original timesteps; ``indices`` are
@@ -73,7 +73,7 @@ def generate(model: Callable, schedule: Schedule, target: str, learn_sigma: bool
     ``class_labels`` are cycled over sample indices, else drawn per sample for a class-conditional
     model. ``progress(done, total)`` counts model evaluations of this process over all its batches.
     Under ``torch.distributed`` every rank samples a contiguous slice and the result is all-gathered,
-    equal to a single process's.
+    equal to a single process's. ``compile`` and ``precision`` are speed options, see :func:`fast_model`.
     """
     indices = [int(i) for i in (range(num_samples) if indices is None else indices)]
     if batch_size < 1:
@@ -85,6 +85,7 @@ def generate(model: Callable, schedule: Schedule, target: str, learn_sigma: bool
         num_classes = getattr(model, "num_classes", None)
     _labels_for([], seed, num_classes, class_labels)  # validate on every rank before any work
     device = torch.device(device)
+    model = fast_model(model, device, compile=compile, precision=precision)
     local, per, world = _shard(indices)
     batches = [local[i:i + batch_size] for i in range(0, len(local), batch_size)]
     total = len(batches) * steps
@@ -105,6 +106,34 @@ def generate(model: Callable, schedule: Schedule, target: str, learn_sigma: bool
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat(gathered)[:len(indices)].cpu()
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Autocast:
+    """``model(x, t, y)`` under ``torch.autocast(dtype)``, returning float32 so the solvers' update
+    arithmetic stays in float32."""
+
+    def __init__(self, model: Callable, device: torch.device, dtype: torch.dtype):
+        self.model, self.device_type, self.dtype = model, device.type, dtype
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x, t, y).float()
+
+
+def fast_model(model: Callable, device: torch.device, *, compile: bool = False, precision: str = "fp32") -> Callable:
+    """The callable the samplers evaluate: ``model`` itself by default (exact float32), else
+    ``torch.compile``-d (``compile``, same math up to float reassociation) and/or run under
+    bf16/fp16 autocast (``precision``; fp16 needs CUDA). See tests/test_speed_options.py for the
+    measured deviations from float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use bf16 on the CPU")
+    fn = torch.compile(model) if compile else model
+    return fn if PRECISIONS[precision] is None else _Autocast(fn, device, PRECISIONS[precision])
 
 
 def solver_options(solver: str, cfg: SampleConfig) -> dict:
@@ -129,8 +158,12 @@ def resolve_device(name: str) -> torch.device:
 def sample_checkpoint(path: str | Path, solver: str, steps: int, num_samples: int, seed: int = 0,
                       batch_size: int = 64, *, class_labels: Sequence[int] | None = None, spacing: str = "even",
                       clip_x0: bool = True, ema: bool = True, device: str = "cpu",
-                      progress: Callable[[int, int], None] | None = None, **solver_options) -> Tensor:
+                      progress: Callable[[int, int], None] | None = None, compile: bool = False,
+                      precision: str = "fp32", **solver_options) -> Tensor:
     """Sample a checkpoint's model (its first EMA unless ``ema`` is False); uint8 (N, C, H, W).
+
+    On CUDA the model runs channels-last with TF32 matmuls; ``compile`` and ``precision`` as in
+    :func:`fast_model`.
 
     The schedule, T, target and learned variance come from the checkpoint's config. Every problem a
     user can fix (unknown solver or option, too many steps, bad labels, a missing, corrupt or
@@ -161,9 +194,19 @@ def sample_checkpoint(path: str | Path, solver: str, steps: int, num_samples: in
         _labels_for([], seed, model.num_classes, class_labels)
     except ValueError as err:
         raise DebiasError(str(err)) from None
-    return generate(model.to(device), schedule, target, learn_sigma, solver, steps, num_samples, seed, batch_size,
+    try:
+        fast_model(model, device, precision=precision)
+    except ValueError as err:
+        raise DebiasError(str(err)) from None
+    model = model.to(device)
+    if device.type == "cuda":
+        from debias.training import enable_fast_math
+
+        enable_fast_math(device)
+        model = model.to(memory_format=torch.channels_last)
+    return generate(model, schedule, target, learn_sigma, solver, steps, num_samples, seed, batch_size,
                     class_labels=class_labels, clip_x0=clip_x0, spacing=spacing, device=device, progress=progress,
-                    **solver_options)
+                    compile=compile, precision=precision, **solver_options)
 
 
 def _as_numpy(images: Tensor | np.ndarray) -> np.ndarray:

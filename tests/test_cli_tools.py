@@ -1,0 +1,165 @@
+"""`debias fid`, `debias convert`, `debias analyze`, `debias compare` through Typer's CliRunner."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from debias.analysis import channel_means, color_shift, evaluation_timesteps, x0_bias_per_timestep
+from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from debias.config import Config
+from debias.diffusion.schedule import Schedule
+from debias.models.factory import model_from_checkpoint
+from debias.models.unet import UNetModel, unet_kwargs_from_flags
+
+runner = CliRunner()
+
+FLAGS = ("--attention_resolutions 4 --class_cond False --diffusion_steps 50 --dropout 0.0 --image_size 8 "
+         "--learn_sigma True --noise_schedule cosine --num_channels 32 --num_head_channels 16 --num_res_blocks 1 "
+         "--resblock_updown True --use_fp16 False --use_scale_shift_norm True --channel_mult 1,2 --predict_xstart True")
+
+
+def cli(*args):
+    from debias.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+@pytest.fixture(scope="module")
+def original_state_dict(tmp_path_factory):
+    """A state dict as the original code saves it, from a model built with guided-diffusion flags."""
+    from debias.convert import parse_flags
+
+    torch.manual_seed(0)
+    model = UNetModel(**unet_kwargs_from_flags(parse_flags(FLAGS)))
+    for p in model.parameters():  # zero-initialised layers get values so every weight matters
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("original") / "ema_0.9999_000100.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_convert_round_trips_to_identical_outputs(original_state_dict, tmp_path):
+    path, original = original_state_dict
+    out = tmp_path / "model.pt"
+    result = cli("convert", path, "--flags", FLAGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    assert ckpt.config["target"] == "x0" and ckpt.config["diffusion"] == {"steps": 50, "schedule": "cosine"}
+    model = model_from_checkpoint(ckpt)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 10, 49])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), original.eval()(x, t))
+    sampled = cli("sample", out, "--solver", "ddim", "--steps", 3, "-n", 4, "--out", tmp_path / "s.npz")
+    assert sampled.exit_code == 0, sampled.output
+
+
+def test_convert_errors(original_state_dict, tmp_path):
+    path, _ = original_state_dict
+    assert_one_line_error(cli("convert", tmp_path / "missing.pt", "--flags", FLAGS, "-o", tmp_path / "m.pt"))
+    wrong = FLAGS.replace("--num_channels 32", "--num_channels 64")
+    assert_one_line_error(cli("convert", path, "--flags", wrong, "-o", tmp_path / "m.pt"))
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_fid_between_npz_and_builtin_dataset(tmp_path):
+    digits = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 1, 8, 8), dtype=np.uint8))
+    np.savez(tmp_path / "gen.npz", images=digits.numpy())
+    result = cli("fid", tmp_path / "gen.npz", "digits", "-m", "fid", "-m", "kid", "--kid-subset-size", 10,
+                 "--max-images", 24, "--out", tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["fid"] > 0 and saved["provenance"]["n_reference"] == 24 and saved["provenance"]["n_generated"] == 20
+
+
+def test_fid_errors(tmp_path):
+    np.savez(tmp_path / "gen.npz", images=np.zeros((5, 1, 8, 8), np.uint8))
+    assert_one_line_error(cli("fid", tmp_path / "gen.npz", "nowhere"))
+    assert_one_line_error(cli("fid", tmp_path / "gen.npz", "digits", "-m", "kid", "--kid-subset-size", 100))
+
+
+class ExactGaussianDenoiser(torch.nn.Module):
+    """The exact E[x0 | x_t] for data x0 ~ N(mu, s²) per pixel, as an eps-prediction network,
+    optionally with a deliberate per-channel offset on the implied x0."""
+
+    def __init__(self, schedule, mu, s, offset=None):
+        super().__init__()
+        self.schedule, self.mu, self.s = schedule, mu, s
+        self.offset = offset
+
+    def forward(self, xt, t, y=None):
+        a = self.schedule.gather(self.schedule.alpha, t, xt)
+        sg = self.schedule.gather(self.schedule.sigma, t, xt)
+        x0 = self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sg ** 2) * (xt - a * self.mu)
+        if self.offset is not None:
+            x0 = x0 + self.offset.view(1, -1, 1, 1)
+        return (xt - a * x0) / sg
+
+
+def test_exact_denoiser_has_no_bias_and_a_biased_one_is_detected():
+    schedule = Schedule.named("linear", 1000)
+    gen = torch.Generator().manual_seed(0)
+    mu, s = 0.1, 0.3
+    images = mu + s * torch.randn(512, 3, 8, 8, generator=gen, dtype=torch.float64)
+    ts = evaluation_timesteps(1000, 6)
+    exact = x0_bias_per_timestep(ExactGaussianDenoiser(schedule, mu, s), schedule, "eps", False, images, ts)
+    for row in exact:  # the exact posterior mean is unbiased: |mean error| ≲ its standard error
+        assert max(abs(b) for b in row.bias) < 4 * (row.mse / images[:, 0].numel()) ** 0.5 + 1e-9
+    offset = torch.tensor([0.2, -0.1, 0.0], dtype=torch.float64)
+    biased = x0_bias_per_timestep(ExactGaussianDenoiser(schedule, mu, s, offset), schedule, "eps", False, images, ts)
+    for row in biased:
+        assert row.bias[0] > 0.15 and row.bias[1] < -0.05 and abs(row.bias[2]) < 0.05
+
+
+def test_color_shift_signs():
+    data_mean = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)
+    bright = torch.full((4, 3, 2, 2), 200, dtype=torch.uint8)
+    bright[:, 2] = 50
+    rows = color_shift({10: bright}, data_mean)
+    assert rows[0].shift[0] > 0.2 and rows[0].shift[2] < -0.2
+    torch.testing.assert_close(channel_means(bright), torch.tensor([200 / 255, 200 / 255, 50 / 255], dtype=torch.float64))
+
+
+def _tiny_checkpoint(path):
+    cfg = Config().to_dict()
+    cfg["diffusion"] = {"steps": 50, "schedule": "linear"}
+    kwargs = dict(image_size=8, in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
+                  attention_resolutions=(), channel_mult=(1,), num_head_channels=16)
+    torch.manual_seed(0)
+    save_checkpoint(path, Checkpoint(config=cfg, unet_kwargs=kwargs, model=UNetModel(**kwargs).state_dict()))
+
+
+def test_analyze_command_writes_tables_and_figures(tmp_path):
+    _tiny_checkpoint(tmp_path / "m.pt")
+    result = cli("analyze", tmp_path / "m.pt", "--data", "digits", "--out-dir", tmp_path / "a", "--num-images", 16,
+                 "--timesteps", 3, "--steps", 2, "--steps", 3, "--num-samples", 4)
+    assert result.exit_code == 0, result.output
+    for name in ("x0_bias.tsv", "x0_bias.png", "color_shift.tsv", "color_shift.png", "color_grid.png"):
+        assert (tmp_path / "a" / name).is_file()
+    assert_one_line_error(cli("analyze", tmp_path / "nope.pt"))
+
+
+def test_compare_from_exp_show_json(tmp_path):
+    def exp(name, weighting, fid):
+        return {"name": name, "rev": "workspace", "data": {"rev": "workspace", "params": {"params.yaml": {"data": {
+            "weighting": weighting, "target": "eps"}}}, "metrics": {"metrics/ddim.json": {"data": {"fid": fid}}}}}
+
+    table = [{"rev": "workspace", "name": None, "data": exp("ws", "debias", 10.0)["data"], "experiments": None},
+             {"rev": "abc", "name": "main", "data": {"rev": "abc", "params": {}, "metrics": {}},
+              "experiments": [{"name": "p2-run", "revs": [exp("p2-run", "p2", 12.5)]}]}]
+    (tmp_path / "exp.json").write_text(json.dumps(table))
+    result = cli("compare", "--exp-json", tmp_path / "exp.json", "--out-dir", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| p2-run | p2 | eps | 12.500 |" in md and "debias" in md
+    assert (tmp_path / "cmp" / "comparison.png").is_file()
+    (tmp_path / "empty.json").write_text("[]")
+    assert_one_line_error(cli("compare", "--exp-json", tmp_path / "empty.json"))
