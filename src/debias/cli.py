@@ -70,10 +70,15 @@ def train_command(params: Path = PARAMS_OPTION, set_: Optional[list[str]] = SET_
                   out: Path = typer.Option(Path("models"), "--out", "-o", help="Folder for checkpoint.pt, snapshots and logs."),
                   resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt if present."),
                   progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")) -> None:
-    """Train one recipe (resumable; under `torchrun --nproc-per-node N -m debias train` with DDP)."""
-    from debias.training import train
+    """Train one recipe (resumable). With train.devices cuda/auto it uses every visible GPU (DDP
+    through torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
+    import sys
 
-    result = train(load_config(params, set_ or []), out, resume=resume, progress=progress)
+    from debias.training import relaunch_on_all_gpus, train
+
+    cfg = load_config(params, set_ or [])
+    relaunch_on_all_gpus(cfg, ["-m", "debias", *sys.argv[1:]])
+    result = train(cfg, out, resume=resume, progress=progress)
     if result.is_main_process:
         loss = f", last logged loss {result.loss:.4g}" if result.loss is not None else ""
         done = "already finished" if result.step == result.start_step else f"trained steps {result.start_step}→{result.step}"

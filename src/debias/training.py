@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -684,3 +685,14 @@ def _stop_if_non_finite(trainer: Trainer, out_dir: Path) -> None:
         path = out_dir / CHECKPOINT
         kept = f"last good checkpoint kept at {path}" if path.exists() else "no checkpoint was written"
         raise DebiasError(f"non-finite loss at step {bad}; {kept}")
+
+
+def relaunch_on_all_gpus(cfg: Config, module_args: list[str]) -> None:
+    """With ``train.devices`` cuda/auto and several visible GPUs, replace this process by torchrun
+    running ``python <module_args>`` once per GPU (DDP); otherwise return and train here."""
+    if cfg.train.devices == "cpu" or "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc-per-node={gpus}", *module_args])
