@@ -85,8 +85,8 @@ class ModelConfig:
     def __post_init__(self):
         _require(1 <= self.model_channels <= 4096, "model.model_channels", "must be in [1, 4096]")
         _require(self.model_channels % 32 == 0, "model.model_channels", "must be a multiple of 32 (GroupNorm uses 32 groups)")
-        _require(1 <= len(self.channel_mult) <= 12 and all(1 <= m <= 64 for m in self.channel_mult), "model.channel_mult",
-                 "must be a list of 1 to 12 integers in [1, 64]")
+        _require(1 <= len(self.channel_mult) <= 12 and all(1 <= m <= 64 for m in self.channel_mult),
+                 "model.channel_mult", "must be a list of 1 to 12 integers in [1, 64]")
         _require(1 <= self.num_res_blocks <= 64, "model.num_res_blocks", "must be in [1, 64]")
         _require(all(r >= 1 for r in self.attention_resolutions), "model.attention_resolutions", "must be positive")
         _require(self.num_head_channels >= 1, "model.num_head_channels", "must be >= 1")

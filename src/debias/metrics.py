@@ -40,6 +40,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
 from debias.errors import DebiasError
+from debias.io import atomic_write
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_DIM = 2048
@@ -429,7 +430,13 @@ def save_features(path: str | os.PathLike, feats: Tensor, meta: Mapping[str, Any
     """Write features float64 (N, D) and JSON-able ``meta`` (must hold ``weights_sha256``) to ``.npz``."""
     if "weights_sha256" not in meta:
         raise ValueError("feature metadata must record 'weights_sha256'")
-    np.savez(path, features=feats.to(torch.float64).numpy(), meta=np.array(json.dumps(dict(meta))))
+    features, meta_json = feats.to(torch.float64).numpy(), np.array(json.dumps(dict(meta)))
+    atomic_write(_npz_name(path), lambda f: np.savez(f, features=features, meta=meta_json))
+
+
+def _npz_name(path: str | os.PathLike) -> Path:
+    """The file ``np.savez(path)`` would write (it appends .npz), written here through :func:`atomic_write`."""
+    return Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
 
 
 def load_features(path: str | os.PathLike) -> Features:
@@ -440,7 +447,7 @@ def load_features(path: str | os.PathLike) -> Features:
             meta = json.loads(str(data["meta"]))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DebiasError(f"cannot read features file {path}: {e}") from e
-    if values.ndim != 2 or "weights_sha256" not in meta:
+    if values.ndim != 2 or not isinstance(meta, dict) or "weights_sha256" not in meta:
         raise DebiasError(f"{path} is not a features file (need 2-D 'features' and meta.weights_sha256)")
     return Features(values, meta)
 
@@ -463,7 +470,8 @@ class FeatureStats:
         return cls(x.mean(axis=0), np.cov(x, rowvar=False), len(x), weights_sha256)
 
     def save(self, path: str | os.PathLike) -> None:
-        np.savez(path, mu=self.mu, sigma=self.sigma, n=self.n, weights_sha256=self.weights_sha256)
+        atomic_write(_npz_name(path), lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n,
+                                                       weights_sha256=self.weights_sha256))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
@@ -545,6 +553,9 @@ def _image_shape(source: Tensor | Features) -> tuple[int, ...] | None:
 
 def _check_compatible(generated: Tensor | Features, reference: Tensor | Features, sha256: str) -> None:
     for name, source in (("generated", generated), ("reference", reference)):
+        if isinstance(source, Features) and source.values.shape[1] != FEATURE_DIM:
+            raise DebiasError(f"{name} features are {source.values.shape[1]}-d, not the {FEATURE_DIM}-d Inception "
+                              "pool features these metrics use")
         if isinstance(source, Features) and source.weights_sha256 != sha256:
             raise DebiasError(
                 f"{name} features were computed with Inception weights {source.weights_sha256[:12]}, "
