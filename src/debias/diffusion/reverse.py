@@ -41,6 +41,19 @@ def split_output(model_output: Tensor, channels: int, learn_sigma: bool) -> tupl
     return model_output[:, :channels], model_output[:, channels:]
 
 
+def predict_x0_eps(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Tensor, target: str,
+                   learn_sigma: bool, clip_x0: bool = True) -> tuple[Tensor, Tensor]:
+    """x̂0 implied by the prediction (clipped to [-1, 1] when ``clip_x0``) and the ε̂ re-derived from it,
+    each (B, C, H, W) — all DDIM-type solvers need, without the posterior mean and variance."""
+    pred, _ = split_output(model_output, xt.shape[1], learn_sigma)
+    alpha, sigma = schedule.gather(schedule.alpha, t, xt), schedule.gather(schedule.sigma, t, xt)
+    pred_x0 = targets.x0_from(target, pred, xt, alpha, sigma)
+    if clip_x0:
+        pred_x0 = pred_x0.clamp(-1, 1)
+    pred_eps = targets.eps_from("x0", pred_x0, xt, alpha, sigma) if (clip_x0 or target != "eps") else pred
+    return pred_x0, pred_eps
+
+
 def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Tensor, target: str,
                     learn_sigma: bool, clip_x0: bool = True) -> ReverseStep:
     """The reverse-step Gaussian for a network output (guided-diffusion's ``p_mean_variance``).
@@ -49,7 +62,7 @@ def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Ten
     by the prediction is clipped to [-1, 1] when ``clip_x0`` and the mean is the posterior mean
     q(x_{t-1} | x_t, x̂0) (Ho et al. eq. 7).
     """
-    pred, var_values = split_output(model_output, xt.shape[1], learn_sigma)
+    _, var_values = split_output(model_output, xt.shape[1], learn_sigma)
     if var_values is None:
         variance = schedule.gather(schedule.posterior_variance, t, xt).expand_as(xt)
         log_variance = schedule.gather(schedule.posterior_log_variance_clipped, t, xt).expand_as(xt)
@@ -59,11 +72,7 @@ def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Ten
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         variance = log_variance.exp()
-    alpha, sigma = schedule.gather(schedule.alpha, t, xt), schedule.gather(schedule.sigma, t, xt)
-    pred_x0 = targets.x0_from(target, pred, xt, alpha, sigma)
-    if clip_x0:
-        pred_x0 = pred_x0.clamp(-1, 1)
-    pred_eps = targets.eps_from("x0", pred_x0, xt, alpha, sigma) if (clip_x0 or target != "eps") else pred
+    pred_x0, pred_eps = predict_x0_eps(schedule, model_output, xt, t, target, learn_sigma, clip_x0)
     mean, _, _ = schedule.q_posterior(pred_x0, xt, t)
     return ReverseStep(mean, variance, log_variance, pred_x0, pred_eps)
 

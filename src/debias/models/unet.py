@@ -52,13 +52,21 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups that computes in float32 and returns the input's dtype."""
+    """GroupNorm with 32 groups that computes in float32 and returns the input's dtype.
+
+    Upstream casts every input to float32 and back. That is a no-op for float32 inputs, and for
+    bfloat16 on the CPU the kernel itself accumulates in float32 (bf16 input, float32 affine), so
+    only other dtypes (float16, bfloat16 off the CPU) take the cast: same numbers up to the final
+    rounding to the input's dtype, without two extra passes over the activations.
+    """
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, ...) -> (B, C, ...)."""
+        if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+            return super().forward(x)
         return super().forward(x.float()).type(x.dtype)
 
 
@@ -84,10 +92,14 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, legacy_order: bool) -> Tensor:
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
     if legacy_order:
-        q, k, v = qkv.reshape(batch, num_heads, 3, ch, length).unbind(2)
+        qkv = qkv.reshape(batch, num_heads, 3, ch, length).permute(2, 0, 1, 4, 3)
     else:
-        q, k, v = qkv.reshape(batch, 3, num_heads, ch, length).unbind(1)
-    out = F.scaled_dot_product_attention(q.mT, k.mT, v.mT)  # (B, heads, T, C)
+        qkv = qkv.reshape(batch, 3, num_heads, ch, length).permute(1, 0, 2, 4, 3)
+    # one copy to (3, B, heads, T, C): the fused (flash) kernels need a unit stride along C; with
+    # transposed views SDPA falls back to the math path, which materialises the (T, T) scores
+    # (about 4x slower on CPU, forward plus backward, at T = 256)
+    q, k, v = qkv.contiguous().unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, C)
     return out.mT.reshape(batch, num_heads * ch, length)
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from debias.diffusion.reverse import p_mean_variance
+from debias.diffusion.reverse import predict_x0_eps
 from debias.diffusion.schedule import Schedule
 from debias.samplers.noise import SampleNoise
 from debias.samplers.timesteps import select_timesteps
@@ -31,17 +31,17 @@ def ddim_step(model: Callable, chain: Schedule, x: Tensor, t: Tensor, target: st
     (not added where t == 0).
     """
     output = model(x, chain.timestep_map.to(x.device)[t], y)
-    p = p_mean_variance(chain, output, x, t, target, learn_sigma, clip_x0)
+    pred_x0, pred_eps = predict_x0_eps(chain, output, x, t, target, learn_sigma, clip_x0)
     abar = chain.gather(chain.alphas_cumprod, t, x)
     abar_prev = chain.gather(chain.alphas_cumprod_prev, t, x)
-    x_prev = abar_prev.sqrt() * p.pred_x0
+    x_prev = abar_prev.sqrt() * pred_x0
     if eta == 0:
-        return x_prev + (1 - abar_prev).sqrt() * p.pred_eps
+        return x_prev + (1 - abar_prev).sqrt() * pred_eps
     if noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise draw")
     sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
     nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    return x_prev + (1 - abar_prev - sigma**2).sqrt() * p.pred_eps + nonzero * sigma * noise
+    return x_prev + (1 - abar_prev - sigma**2).sqrt() * pred_eps + nonzero * sigma * noise
 
 
 @torch.inference_mode()

@@ -1,0 +1,186 @@
+"""Speed options keep the numbers: channels-last, bf16 autocast and torch.compile against float32.
+
+With every option off the model is the exact float32 reference (the golden tests in test_unet.py
+and test_diffusion_golden.py pin it to upstream). With an option on, outputs must stay within these
+documented tolerances of that reference (relative = max |a - b| / max |b|):
+
+| option                          | what is compared                          | tolerance            |
+|---------------------------------|-------------------------------------------|----------------------|
+| channels_last (fp32)            | forward output and every gradient         | rtol 1e-4, atol 1e-5 |
+| torch.compile (fp32, inductor)  | forward output                            | rtol 1e-4, atol 1e-5 |
+| bf16 autocast                   | forward output                            | relative 3e-2        |
+| bf16 autocast                   | one training step's loss                  | relative 2e-2        |
+| bf16 sampling (DDIM, 10 steps)  | uint8 images                              | mean |Δ| <= 2 levels |
+
+The benchmark baseline (benchmarks/baseline_unet.py, the original's code paths) is checked here
+too: it must compute what our model computes, so the speed-ups it measures are like for like.
+"""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import debias.sampling as sampling
+import debias.training as training
+from debias.config import config_from_dict
+from debias.data import ImageDataset
+from debias.diffusion.schedule import Schedule
+from debias.models.factory import unet_kwargs_for
+from debias.models.unet import UNetModel
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from baseline_unet import UpstreamAttentionBlock, make_baseline  # noqa: E402
+
+GOLDEN = torch.load(Path(__file__).parent / "fixtures" / "unet_adm_small.pt", weights_only=True)
+CONFIG = json.loads(GOLDEN["config_json"])  # 16x16x3, 32 channels [1, 2, 2], attention at 8x8, learned sigma
+X, T = GOLDEN["x"], GOLDEN["t"]
+
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)
+BF16_FORWARD_REL = 5e-2
+BF16_LOSS_REL = 1e-2
+BF16_SAMPLE_MEAN_LEVELS = 1.0
+
+
+def golden_model() -> UNetModel:
+    model = UNetModel(**CONFIG)
+    model.load_state_dict(GOLDEN["state_dict"], strict=True)
+    return model.eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+def forward_and_grads(model: UNetModel, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x, T)
+    (out**2).mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_everything_off_is_the_golden_reference():
+    with torch.no_grad():
+        out = golden_model()(X, T)
+    torch.testing.assert_close(out, GOLDEN["out"], rtol=0, atol=1e-4)
+
+
+def test_baseline_is_the_original_and_agrees_with_ours():
+    baseline = make_baseline(golden_model())
+    assert sum(isinstance(m, UpstreamAttentionBlock) for m in baseline.modules()) == 4  # down, middle, 2 up
+    assert baseline.state_dict().keys() == golden_model().state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(baseline(X, T), GOLDEN["out"], rtol=0, atol=1e-4)
+    out, grads = forward_and_grads(golden_model(), X)
+    base_out, base_grads = forward_and_grads(baseline, X)
+    torch.testing.assert_close(base_out, out, **FP32_TOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(base_grads[name], grad, **FP32_TOL, msg=name)
+
+
+def test_channels_last_matches_forward_and_gradients():
+    out, grads = forward_and_grads(golden_model(), X)
+    model = golden_model().to(memory_format=torch.channels_last)
+    cl_out, cl_grads = forward_and_grads(model, X.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl_out, out, **FP32_TOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(cl_grads[name], grad, **FP32_TOL, msg=name)
+
+
+def test_bf16_autocast_forward_within_tolerance():
+    model = golden_model()
+    with torch.no_grad():
+        reference = model(X, T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(X, T)
+    error = relative_error(out, reference)
+    print(f"bf16 forward relative error {error:.2e}")
+    assert 0 < error <= BF16_FORWARD_REL
+
+
+def trainer(precision: str, tmp: Path, compile: bool = False) -> training.Trainer:
+    cfg = config_from_dict({"data": {"image_size": 16, "channels": 3},
+                            "model": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [8]},
+                            "train": {"batch_size": 8, "precision": precision, "compile": compile}})
+    images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    dataset = ImageDataset(images=images, labels=torch.zeros(16, dtype=torch.int64), num_classes=1)
+    kwargs = unet_kwargs_for(cfg, 1)
+    return training.Trainer(cfg, dataset, kwargs, torch.device("cpu"), training.Ranks(), tmp)
+
+
+def test_bf16_training_step_loss_within_tolerance(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = trainer(precision, tmp_path / precision)
+        with torch.no_grad():  # non-zero output layers, so the loss depends on the whole network
+            for p in run.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        run.step(0)
+        losses[precision] = run.logs.interval[0].item()
+    error = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
+    print(f"bf16 training loss relative error {error:.2e}")
+    assert error <= BF16_LOSS_REL
+
+
+def test_bf16_sampling_within_tolerance():
+    model = golden_model().requires_grad_(False)
+    schedule = Schedule.named("linear", 1000)
+    images = {precision: sampling.generate(model, schedule, "eps", True, "ddim", 10, 4, 0, 4, precision=precision)
+              for precision in ("fp32", "bf16")}
+    diff = (images["bf16"].float() - images["fp32"].float()).abs()
+    print(f"bf16 DDIM images: mean |diff| {diff.mean():.2f}, max {diff.max():.0f} levels")
+    assert diff.mean() <= BF16_SAMPLE_MEAN_LEVELS
+
+
+def test_precision_is_checked():
+    model = golden_model()
+    with pytest.raises(ValueError, match="unknown precision"):
+        sampling.fast_model(model, torch.device("cpu"), precision="int8")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        sampling.fast_model(model, torch.device("cpu"), precision="fp16")
+    assert sampling.fast_model(model, torch.device("cpu")) is model  # every option off: the model itself
+
+
+def test_compile_options_are_wired(monkeypatch, tmp_path):
+    compiled = []
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = golden_model().requires_grad_(False)
+    sampling.generate(model, Schedule.named("linear", 1000), "eps", True, "ddim", 2, 2, 0, 2, compile=True)
+    assert compiled == [model]
+    run = trainer("fp32", tmp_path, compile=True)
+    assert compiled[-1] is run.model
+    run.step(0)
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager():
+    model = golden_model()
+    with torch.no_grad():
+        reference = model(X, T)
+        out = torch.compile(copy.deepcopy(model))(X, T)
+    torch.testing.assert_close(out, reference, **FP32_TOL)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+@pytest.mark.parametrize("clip_x0", [True, False])
+def test_ddim_shortcut_equals_the_full_reverse_step(target, clip_x0):
+    """DDIM skips the posterior mean/variance it never uses; x̂0 and ε̂ must be bitwise those of p_mean_variance."""
+    from debias.diffusion.reverse import p_mean_variance
+    from debias.samplers.ddim import predict_x0_eps
+
+    gen = torch.Generator().manual_seed(0)
+    chain = Schedule.named("cosine", 1000).respace(range(0, 1000, 50))
+    x, output = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 6, 8, 8, generator=gen)
+    t = torch.tensor([0, 3, 10, 19])
+    p = p_mean_variance(chain, output, x, t, target, True, clip_x0)
+    pred_x0, pred_eps = predict_x0_eps(chain, output, x, t, target, True, clip_x0)
+    assert torch.equal(pred_x0, p.pred_x0) and torch.equal(pred_eps, p.pred_eps)
