@@ -132,7 +132,9 @@ def fast_model(model: Callable, device: torch.device, *, compile: bool = False, 
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs CUDA; use bf16 on the CPU")
-    fn = torch.compile(model) if compile else model
+    # static shapes: a smaller last batch recompiles instead of tracing symbolic sizes, which
+    # inductor (torch 2.14, CPU) failed to lower for this UNet's training graph
+    fn = torch.compile(model, dynamic=False) if compile else model
     return fn if PRECISIONS[precision] is None else _Autocast(fn, device, PRECISIONS[precision])
 
 

@@ -488,7 +488,9 @@ class Trainer:
         if self.ranks.world > 1:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(model) if self.cfg.train.compile else model
+        # static shapes: a shape change recompiles instead of tracing symbolic sizes, which inductor
+        # (torch 2.14, CPU, bf16) failed to lower for this UNet ('cannot determine truth value of Relational')
+        return torch.compile(model, dynamic=False) if self.cfg.train.compile else model
 
     def lr_at(self, k: int) -> float:
         """Linear warm-up over ``train.warmup_steps`` updates, then constant."""
