@@ -21,17 +21,39 @@ weights (``state_dict`` names and shapes are unchanged):
   i.e. always normalising in float32 with a cast in and a cast out.
 
 Everything else (ResBlocks, resampling, timestep embedding, the torso's dtype handling) already
-follows upstream line by line in :mod:`debias.models.unet`. Nothing in the library imports this file.
+follows upstream line by line in :mod:`debias.models.unet`.
+
+:class:`UpstreamTrainer` is our :class:`~debias.training.Trainer` with its ``step`` replaced by
+upstream's ``TrainLoop.run_step`` (guided_diffusion/train_util.py, fp16_util.py, nn.py, resample.py),
+for the training benchmark: ``UniformSampler`` timesteps drawn with numpy; ``log_loss_dict``
+(``.item()`` of every loss term and a Python loop over the batch for the quartile logs);
+``MixedPrecisionTrainer`` without fp16 (grads zeroed in place, ``_compute_norms`` with two
+``.item()`` per parameter); ``torch.optim.AdamW`` with its defaults (the per-parameter loop on CPU);
+``update_ema``'s per-parameter loop. The loss is ours (``diffusion_loss``, golden-tested against
+upstream's ``training_losses``), gradients are not clipped (upstream does not clip).
+
+:func:`upstream_ddim` is upstream's DDIM loop (guided_diffusion/gaussian_diffusion.py,
+``ddim_sample_loop`` / ``ddim_sample``) for the sampling benchmark: under ``no_grad`` every step takes
+the full ``p_mean_variance`` (posterior mean and learned-range variance included, which DDIM then
+discards), re-derives ε̂ from x̂0, and draws ``randn_like`` noise even for η = 0.
+Nothing in the library imports this file.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from debias.diffusion.losses import diffusion_loss
+from debias.diffusion.reverse import p_mean_variance
+from debias.diffusion.schedule import Schedule
 from debias.models.unet import AttentionBlock, GroupNorm32
+from debias.samplers.timesteps import select_timesteps
+from debias.training import Trainer
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -129,3 +151,82 @@ def make_baseline(model: nn.Module) -> nn.Module:
         elif isinstance(module, GroupNorm32):
             module.__class__ = UpstreamGroupNorm32
     return model
+
+
+@torch.no_grad()
+def upstream_ddim(model: nn.Module, shape: tuple[int, ...], steps: int, schedule: Schedule, learn_sigma: bool,
+                  eta: float = 0.0) -> Tensor:
+    """guided-diffusion's ``ddim_sample_loop`` for an ε-prediction model on the chain respaced to
+    ``steps`` evenly spaced timesteps ("ddimN" respacing); x_T ~ N(0, I) of ``shape``; returns x0."""
+    device = next(model.parameters()).device
+    chain = schedule.respace(select_timesteps(schedule.num_timesteps, steps, "even"))
+    timestep_map = chain.timestep_map.to(device)
+    sqrt_recip_alphas_cumprod = (1 / chain.alphas_cumprod).sqrt()
+    sqrt_recipm1_alphas_cumprod = (1 / chain.alphas_cumprod - 1).sqrt()
+    x = torch.randn(*shape, device=device)
+    for i in reversed(range(chain.num_timesteps)):
+        t = torch.tensor([i] * shape[0], device=device)
+        out = p_mean_variance(chain, model(x, timestep_map[t]), x, t, "eps", learn_sigma, True)
+        eps = (chain.gather(sqrt_recip_alphas_cumprod, t, x) * x - out.pred_x0) \
+            / chain.gather(sqrt_recipm1_alphas_cumprod, t, x)
+        alpha_bar = chain.gather(chain.alphas_cumprod, t, x)
+        alpha_bar_prev = chain.gather(chain.alphas_cumprod_prev, t, x)
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        noise = torch.randn_like(x)
+        mean_pred = out.pred_x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+        x = mean_pred + nonzero_mask * sigma * noise
+    return x
+
+
+class UpstreamTrainer(Trainer):
+    """Our Trainer (data, schedule, loss weights, model) stepping as guided-diffusion's ``TrainLoop``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        tc = self.cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.ema_rates = [float(rate) for rate in tc.ema_rates]
+        self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+        self.logged: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
+
+    def logkv_mean(self, key: str, value: float) -> None:
+        """guided_diffusion/logger.py ``Logger.logkv_mean``: a running mean per key."""
+        old, count = self.logged[key]
+        self.logged[key] = (old * count / (count + 1) + value / (count + 1), count + 1)
+
+    def step(self, k: int) -> None:
+        """``run_step``: forward_backward, optimize (norms, AdamW), update_ema; one microbatch."""
+        for p in self.params:  # fp16_util.zero_grad
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+        x0, noise, _, y = self._batch(k)
+        size = self.schedule.num_timesteps  # resample.UniformSampler.sample
+        probs = np.ones(size) / size
+        t_np = np.random.choice(size, size=(len(x0),), p=probs)
+        t = torch.from_numpy(t_np).long().to(self.device)
+        weights = torch.from_numpy(1 / (size * probs[t_np])).float().to(self.device)
+        out = self.model(self.schedule.q_sample(x0, t, noise), t, y)
+        terms = diffusion_loss(self.schedule, out, x0, noise, t, self.cfg.target, self.weights,
+                               self.cfg.model.learn_sigma)
+        losses = {"loss": terms.loss, "mse": terms.mse, "vb": terms.vb}
+        loss = (losses["loss"] * weights).mean()
+        for key, values in {key: value * weights for key, value in losses.items()}.items():  # log_loss_dict
+            self.logkv_mean(key, values.mean().item())
+            for sub_t, sub_loss in zip(t.cpu().numpy(), values.detach().cpu().numpy()):
+                self.logkv_mean(f"{key}_q{int(4 * sub_t / size)}", sub_loss)
+        loss.backward()
+        grad_norm = param_norm = 0.0  # MixedPrecisionTrainer._compute_norms
+        for p in self.params:
+            with torch.no_grad():
+                param_norm += torch.norm(p, p=2, dtype=torch.float32).item() ** 2
+                if p.grad is not None:
+                    grad_norm += torch.norm(p.grad, p=2, dtype=torch.float32).item() ** 2
+        self.logkv_mean("grad_norm", np.sqrt(grad_norm))
+        self.logkv_mean("param_norm", np.sqrt(param_norm))
+        self.optimizer.step()
+        for rate, ema in zip(self.ema_rates, self.ema_params):  # nn.update_ema
+            for target, source in zip(ema, self.params):
+                target.detach().mul_(rate).add_(source, alpha=1 - rate)
+        self.logged["step"] = (float(k), 1)  # log_step

@@ -13,7 +13,7 @@ def main(cfg: Config, args: list[str]) -> None:
     for steps in s.steps:
         images = sample_checkpoint(MODEL, solver=solver, steps=steps, num_samples=s.num_samples, seed=s.seed,
                                    batch_size=s.batch_size, clip_x0=s.clip_x0, spacing=s.spacing, ema=s.ema, compile=s.compile,
-                                   **solver_options(solver, s))
+                                   precision=s.precision, **solver_options(solver, s))
         save_npz(images, samples_file(solver, steps))
 
 

@@ -42,6 +42,7 @@ def test_overrides_use_dvc_syntax():
     (["nonsense=1"], "nonsense: unknown key"),
     (["data=3"], "data: must be a mapping"),
     (["sample.solvers=[ddim, euler]"], "sample.solvers: unknown value 'euler'"),
+    (["sample.precision=fp8"], "sample.precision: unknown value 'fp8'; allowed: fp32, bf16, fp16"),
     (["diffusion.steps=10"], "diffusion.steps: must be >= 20 for the linear schedule"),
     (["data.name=folder"], "data.path: is required"),
     (["train.snapshot_steps=[5000]"], "train.snapshot_steps: must lie in"),

@@ -15,11 +15,15 @@ UNET = dict(image_size=8, in_channels=1, model_channels=32, out_channels=2, num_
             attention_resolutions=[2], channel_mult=(1, 2), num_head_channels=16)
 
 
-def write_checkpoint(path, unet_kwargs=UNET, num_classes=None):
+def write_checkpoint(path, unet_kwargs=UNET, num_classes=None, noise=0.0):
+    """A checkpoint of a fresh UNet; ``noise`` > 0 perturbs every weight (the output conv starts at zero)."""
     config = Config(target="v", data=DataConfig(image_size=8, channels=1),
                     diffusion=DiffusionConfig(steps=100, schedule="cosine")).to_dict()
     torch.manual_seed(0)
     model = UNetModel(**dict(UNET, num_classes=num_classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
     save_checkpoint(path, Checkpoint(config=config, unet_kwargs=dict(unet_kwargs, num_classes=num_classes),
                                      model=model.state_dict()))
     return path
@@ -80,7 +84,7 @@ def assert_one_line_error(result, *words):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "wrong_shape", "unknown_solver", "too_many_steps",
-                                  "bad_suffix", "bad_option", "no_output"])
+                                  "bad_suffix", "bad_option", "no_output", "unknown_precision", "fp16_on_cpu"])
 def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, case):
     out = tmp_path / "out" / "grid.png"
     args, words = [checkpoint, "--steps", 3, "-n", 2, "--out", out], []
@@ -101,7 +105,25 @@ def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, case):
         args[-1], words = tmp_path / "out" / "grid.jpg", [".jpg"]
     elif case == "bad_option":
         args, words = args + ["--solver", "ddim", "--order", 2], ["order", "ddim"]
+    elif case == "unknown_precision":
+        args, words = args + ["--precision", "int8"], ["unknown precision", "int8"]
+    elif case == "fp16_on_cpu":
+        args, words = args + ["--precision", "fp16"], ["fp16 needs CUDA"]
     else:
         args, words = args[:-2], ["--out"]
     assert_one_line_error(invoke(*args), *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_sampling_from_the_cli_stays_close_to_fp32(tmp_path):
+    """--precision bf16 runs the network under bf16 autocast: the uint8 images differ, by a few levels."""
+    checkpoint, images = write_checkpoint(tmp_path / "model.pt", noise=0.05), {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.npz"
+        result = invoke(checkpoint, "--solver", "ddim", "--steps", 5, "-n", 4, "--out", out, "--precision", precision)
+        assert result.exit_code == 0, result.output
+        with np.load(out) as data:
+            images[precision] = data["images"].astype(np.int16)
+    diff = np.abs(images["bf16"] - images["fp32"])
+    print(f"bf16 vs fp32: mean |diff| {diff.mean():.2f}, max {diff.max()} levels")
+    assert 0 < diff.max() <= 16 and diff.mean() <= 2

@@ -120,6 +120,8 @@ def sample_command(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact), bf16, or fp16 (CUDA): autocast for the network."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
 ) -> None:
     """Sample images from a checkpoint with any solver."""
     from debias.sampling import sample_checkpoint, writer_for
@@ -129,7 +131,7 @@ def sample_command(
     with progress_bar(f"{solver} {steps} steps") as progress:
         images = sample_checkpoint(checkpoint, solver, steps, num_samples, seed, batch_size,
                                    class_labels=class_label, spacing=spacing, clip_x0=clip, ema=ema, device=device,
-                                   progress=progress, **options)
+                                   progress=progress, precision=precision, compile=compile, **options)
     path = write(images)
     typer.echo(f"{path}: {len(images)} samples ({solver}, {steps} steps, seed {seed})")
 

@@ -159,6 +159,7 @@ class SampleConfig:
     order: int = 2                   # DPM-Solver / UniPC order
     unipc_variant: str = "bh2"       # UniPC B(h): bh1 or bh2
     ema: bool = True                 # sample the first EMA's weights
+    precision: str = "fp32"          # fp32 (exact) | bf16 | fp16 (CUDA): autocast for the network
     compile: bool = False
 
     def __post_init__(self):
@@ -174,6 +175,7 @@ class SampleConfig:
         _require(self.eta >= 0, "sample.eta", "must be >= 0")
         _require(1 <= self.order <= 3, "sample.order", "must be 1, 2 or 3")
         _one_of(self.unipc_variant, ("bh1", "bh2"), "sample.unipc_variant")
+        _one_of(self.precision, PRECISIONS, "sample.precision")
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,12 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, legacy_order: bool) -> Tensor:
     Returns:
         (B, num_heads * C, T), heads concatenated along channels. Scores are scaled by 1/sqrt(C).
     """
+    if qkv.requires_grad and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu":
+        # torch's CPU flash-attention backward is 1.7-5x slower in bfloat16 than in float32 (T = 64..256,
+        # benchmarks/BENCHMARKS.md) while its forward is faster: when training, attend in float32
+        # (outside autocast) and round the output once
+        with torch.autocast("cpu", enabled=False):
+            return qkv_attention(qkv.float(), num_heads, legacy_order=legacy_order).to(qkv.dtype)
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
     if legacy_order:
