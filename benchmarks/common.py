@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from baseline_unet import make_baseline
-from debias.config import Config, config_from_dict
+from debias.config import AUTOCAST_DTYPES, PRECISIONS, Config, config_from_dict
 from debias.models.unet import UNetModel
 from debias.training import enable_fast_math, select_device
 
@@ -46,7 +46,6 @@ CONFIGS: dict[str, tuple[str, dict]] = {
            "train": {"batch_size": 16}}),
 }
 GPU_ONLY = {"e"}
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_configs: str | None) -> None:
@@ -58,7 +57,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_configs: str | None
         return
     parser.add_argument("--configs", default=default_configs,
                         help=f"comma-separated subset of {','.join(CONFIGS)} ({','.join(sorted(GPU_ONLY))}: CUDA only)")
-    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISION_DTYPES))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--channels-last", action="store_true", help="our model channels-last (always on CUDA)")
 
@@ -88,14 +87,20 @@ def start(args: argparse.Namespace, what: str) -> tuple[torch.device, float]:
     return device, peak
 
 
-def run_configs(names: list[str], device: torch.device, bench: Callable[[str], list[str]]) -> None:
-    """Print ``bench(name)``'s rows for every config, skipping GPU-only configs off CUDA."""
+def run_configs(names: list[str], device: torch.device, header: str, bench: Callable[[str], list[str]]) -> None:
+    """Print the table ``header``, then ``bench(name)``'s rows for every config (GPU-only ones skipped off CUDA)."""
+    print(header)
     for name in names:
         if name in GPU_ONLY and device.type != "cuda":
             print(f"{name:<2} skipped: {CONFIGS[name][0]} needs a GPU")
             continue
         for row in bench(name):
             print(row, flush=True)
+
+
+def speedup_row(prefix: str, medians: dict[str, float]) -> str:
+    """The closing row of a comparison: the original's median time over ours."""
+    return f"{prefix} ours/original speed-up (same process, interleaved): {medians['original'] / medians['ours']:.2f}x"
 
 
 def sync(device: torch.device) -> None:
@@ -105,7 +110,7 @@ def sync(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, precision: str, n: int = 2048, reps: int = 10) -> float:
     """Best-of-``reps`` FLOP/s of an n×n matmul in ``precision`` (fp16 is measured as bf16 off CUDA)."""
-    dtype = PRECISION_DTYPES[precision]
+    dtype = AUTOCAST_DTYPES[precision] or torch.float32
     if device.type != "cuda" and dtype == torch.float16:
         dtype = torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)

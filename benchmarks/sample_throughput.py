@@ -37,7 +37,7 @@ import torch
 
 from baseline_unet import make_baseline, upstream_ddim
 from common import CONFIGS, add_common_args, config_for, config_names, forward_flops, peak_memory_mib, \
-    reset_peak_memory, run_configs, start, sync
+    reset_peak_memory, run_configs, speedup_row, start, sync
 from debias.diffusion.schedule import Schedule
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
@@ -99,8 +99,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, peak: float
                         f"{1000 * seconds / args.steps:9.1f} {achieved / 1e9:9.1f} {100 * achieved / peak:6.1f}% "
                         f"{memory[label]:9.0f} {warmup[label]:8.1f}")
         if "original" in medians:
-            rows.append(f"{name:<2} {solver:<11} ours/original speed-up (same process, interleaved): "
-                        f"{medians['original'] / medians['ours']:.2f}x")
+            rows.append(speedup_row(f"{name:<2} {solver:<11}", medians))
     return rows
 
 
@@ -118,9 +117,9 @@ def main() -> None:
     if bad:
         parser.error(f"unknown solver {bad[0]!r}; choose from {', '.join(SOLVERS)}")
     device, peak = start(args, f"original: fp32 eager; median of {args.reps} runs")
-    print(f"{'':<2} {'solver':<11} {'model':<9} {'batch':>5} {'NFE':>4} {'images/s':>9} {'ms/NFE':>9} "
-          f"{'GFLOP/s':>9} {'MFU':>7} {'peak MiB':>9} {'warm-up':>8}")
-    run_configs(names, device, lambda name: bench(name, args, device, peak))
+    header = (f"{'':<2} {'solver':<11} {'model':<9} {'batch':>5} {'NFE':>4} {'images/s':>9} {'ms/NFE':>9} "
+              f"{'GFLOP/s':>9} {'MFU':>7} {'peak MiB':>9} {'warm-up':>8}")
+    run_configs(names, device, header, lambda name: bench(name, args, device, peak))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 
 from baseline_unet import UpstreamTrainer, make_baseline
 from common import CONFIGS, add_common_args, config_for, config_names, forward_flops, peak_memory_mib, \
-    reset_peak_memory, run_configs, start, sync
+    reset_peak_memory, run_configs, speedup_row, start, sync
 from debias.config import Config
 from debias.data import ImageDataset
 from debias.models.factory import unet_kwargs_for
@@ -115,8 +115,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, peak: float
                     f"{flops / 1e9:9.2f} {achieved / 1e9:9.1f} {100 * achieved / peak:6.1f}% {memory[label]:9.0f} "
                     f"{warmup[label]:8.1f} {vs_ref}  {CONFIGS[name][0]}")
     if args.baseline:
-        rows.append(f"{name:<2} ours/original speed-up (same process, interleaved): "
-                    f"{medians['original'] / medians['ours']:.2f}x")
+        rows.append(speedup_row(f"{name:<2}", medians))
     return rows
 
 
@@ -130,9 +129,9 @@ def main() -> None:
     args = parser.parse_args()
     names = config_names(parser, args)
     device, peak = start(args, f"original: fp32 eager; median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'':<2} {'model':<9} {'params':>8} {'batch':>5} {'images/s':>10} {'GFLOP/st':>9} {'GFLOP/s':>9} "
-          f"{'MFU':>7} {'peak MiB':>9} {'warm-up':>8} {'vs ref':>7}  config")
-    run_configs(names, device, lambda name: bench(name, args, device, peak))
+    header = (f"{'':<2} {'model':<9} {'params':>8} {'batch':>5} {'images/s':>10} {'GFLOP/st':>9} {'GFLOP/s':>9} "
+              f"{'MFU':>7} {'peak MiB':>9} {'warm-up':>8} {'vs ref':>7}  config")
+    run_configs(names, device, header, lambda name: bench(name, args, device, peak))
 
 
 if __name__ == "__main__":
