@@ -24,7 +24,7 @@ from debias.io import write_tsv
 from debias.metrics import compute_metrics
 from debias.models.factory import model_from_checkpoint
 from debias.report import plot_lines, save_sample_rows
-from debias.sampling import sample_checkpoint
+from debias.sampling import sample_checkpoint, sample_checkpoint_steps
 
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -145,8 +145,7 @@ def write_color_analysis(checkpoint: Path, data_mean: Tensor, *, solver: str, st
                          seed: int, tsv: Path, png: Path, grid_png: Path, **sampling) -> list[dict]:
     """Colour shift vs sampling steps with the same seeds at every step count: TSV, curve and the
     Figure-1-style grid (one row of the first 8 seeds per step count)."""
-    samples = {n: sample_checkpoint(checkpoint, solver=solver, steps=n, num_samples=num_samples, seed=seed, **sampling)
-               for n in steps}
+    samples = dict(sample_checkpoint_steps(checkpoint, solver, steps, num_samples, seed, **sampling))
     table = shift_table(color_shift(samples, data_mean))
     write_tsv(tsv, table)
     plot_lines(png, {"‖mean shift‖": ([r["steps"] for r in table], [r["shift_norm"] for r in table])},

@@ -69,22 +69,27 @@ def load_error_reason(err: BaseException) -> str:
     return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)[:200]
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint safely; any problem is one :class:`DebiasError` line naming the file."""
-    path = Path(path)
+def load_untrusted(path: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file nobody vouches for. Any problem is one
+    :class:`DebiasError` line naming the file and ``what`` it should be: a missing file, a pickle of
+    objects other than tensors and plain containers (refused, never run), or a damaged file."""
     if not path.is_file():
-        raise DebiasError(f"checkpoint not found: {path}")
+        raise DebiasError(f"{what} not found: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about the "pickle protocol" of random bytes
-            blob = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = load_error_reason(err)
-        if "GLOBAL" in reason:
-            raise DebiasError(f"{path} is not a safe checkpoint (refused to unpickle: {reason})") from None
-        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {reason})") from None
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 — a damaged file makes torch.load raise many types
-        raise DebiasError(f"{path} is not a readable checkpoint (truncated or corrupt: {load_error_reason(err)})") from None
+        reason = load_error_reason(err)
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in reason:
+            raise DebiasError(f"{path} is not a safe {what} (refusing to unpickle: {reason})") from None
+        raise DebiasError(f"{path} is not a readable {what} (truncated or corrupt: {reason})") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint safely; any problem is one :class:`DebiasError` line naming the file."""
+    path = Path(path)
+    blob = load_untrusted(path, "checkpoint", map_location)
     if not isinstance(blob, dict) or not isinstance(blob.get("format"), str) or blob["format"] != FORMAT:
         raise DebiasError(f"{path} is not a debias checkpoint; import original weights with `debias convert`")
     if not isinstance(blob.get("format_version"), int) or blob["format_version"] != FORMAT_VERSION:

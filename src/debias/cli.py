@@ -120,7 +120,7 @@ def sample_command(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact), bf16, or fp16 (CUDA): autocast for the network."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact on CPU, TF32 matmuls on CUDA), bf16, or fp16 (CUDA): autocast for the network."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
 ) -> None:
     """Sample images from a checkpoint with any solver."""
@@ -187,6 +187,7 @@ def analyze_command(
     """The paper's evidence for one model: x0 bias per timestep and colour shift vs sampling steps."""
     from debias.analysis import channel_means, write_bias_analysis, write_color_analysis
     from debias.checkpoints import load_checkpoint
+    from debias.data import from_uint8
     from debias.sources import image_source
 
     ckpt = load_checkpoint(checkpoint)
@@ -194,7 +195,7 @@ def analyze_command(
     images = image_source(data, shape=shape)
     if not isinstance(images, torch.Tensor):
         raise DebiasError("--data must be images, not precomputed features")
-    real = images[:num_images].float().div(127.5).sub(1.0)
+    real = from_uint8(images[:num_images])
     write_bias_analysis(checkpoint, real, None, timesteps=timesteps, seed=seed, batch_size=batch_size, ema=ema,
                         tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png")
     write_color_analysis(checkpoint, channel_means(images), solver=solver, steps=steps, num_samples=num_samples,

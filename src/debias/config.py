@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from debias.diffusion.schedule import SCHEDULES
@@ -24,7 +25,9 @@ from debias.errors import DebiasError
 
 SOLVERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++", "unipc")
 SPACINGS = ("even", "linspace", "leading", "trailing")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# precision name -> autocast dtype (None: plain float32)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 DEVICES = ("cpu", "cuda", "auto")
 METRICS = ("fid", "kid", "pr")
 DATASETS = ("digits", "folder", "twemoji")
@@ -159,7 +162,7 @@ class SampleConfig:
     order: int = 2                   # DPM-Solver / UniPC order
     unipc_variant: str = "bh2"       # UniPC B(h): bh1 or bh2
     ema: bool = True                 # sample the first EMA's weights
-    precision: str = "fp32"          # fp32 (exact) | bf16 | fp16 (CUDA): autocast for the network
+    precision: str = "fp32"          # fp32 (TF32 matmuls on CUDA) | bf16 | fp16 (CUDA): autocast
     compile: bool = False
 
     def __post_init__(self):

@@ -11,18 +11,15 @@ given by the command-line flags it was trained with, e.g. the paper's CelebA-HQ 
 
 from __future__ import annotations
 
-import pickle
 import shlex
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from debias.checkpoints import Checkpoint, load_error_reason, load_weights, save_checkpoint
+from debias.checkpoints import Checkpoint, load_untrusted, load_weights, save_checkpoint
 from debias.config import Config
 from debias.errors import DebiasError
-from debias.models.unet import UNetModel, unet_kwargs_from_flags
+from debias.models.unet import UNetModel, flag_bool, unet_kwargs_from_flags
 
 
 def parse_flags(text: str) -> dict[str, str]:
@@ -47,16 +44,16 @@ def parse_flags(text: str) -> dict[str, str]:
     return flags
 
 
-def _truthy(value: Any) -> bool:
-    return str(value).lower() in ("yes", "true", "t", "y", "1")
-
-
 def config_from_flags(flags: dict[str, str], unet_kwargs: dict) -> dict:
     """This project's config (as a plain dict) describing the original run: data shape, model,
     diffusion steps and schedule, and the target (``predict_xstart`` → x0, ``predict_v`` → v)."""
-    if _truthy(flags.get("predict_xstart", False)) and _truthy(flags.get("predict_v", False)):
+    try:
+        xstart, v = (flag_bool(flags.get(name, False)) for name in ("predict_xstart", "predict_v"))
+    except ValueError as err:
+        raise DebiasError(f"flags: {err}") from None
+    if xstart and v:
         raise DebiasError("flags: predict_xstart and predict_v cannot both be true")
-    target = "x0" if _truthy(flags.get("predict_xstart", False)) else "v" if _truthy(flags.get("predict_v", False)) else "eps"
+    target = "x0" if xstart else "v" if v else "eps"
     size = unet_kwargs["image_size"]
     cfg = Config().to_dict()
     cfg.update(target=target, weighting=flags.get("weighting", "constant"))
@@ -77,18 +74,7 @@ def config_from_flags(flags: dict[str, str], unet_kwargs: dict) -> dict:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise DebiasError(f"state dict not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the "pickle protocol" of random bytes
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" not in load_error_reason(err):
-            raise DebiasError(f"{path} is not a readable state dict ({load_error_reason(err)})") from None
-        raise DebiasError(f"{path} holds objects other than tensors; refusing to unpickle it") from None
-    except Exception as err:  # noqa: BLE001 — a damaged file makes torch.load raise many types
-        raise DebiasError(f"{path} is not a readable state dict ({load_error_reason(err)})") from None
+    blob = load_untrusted(path, "state dict")
     if isinstance(blob, dict) and "state_dict" in blob and isinstance(blob["state_dict"], dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
@@ -101,7 +87,7 @@ def convert_checkpoint(state_dict_path: str | Path, flags: dict[str, str], out: 
     debias checkpoint at ``out``. Returns the checkpoint."""
     state_dict = _read_state_dict(Path(state_dict_path))
     try:
-        kwargs = unet_kwargs_from_flags({k: v for k, v in flags.items()})
+        kwargs = unet_kwargs_from_flags(flags)
     except (ValueError, TypeError) as err:
         raise DebiasError(f"flags: {err}") from None
     kwargs.update(use_fp16=False, use_checkpoint=False)

@@ -211,9 +211,9 @@ def load_image_files(root: Path, files: list[Path], image_size: int, channels: i
     return out[:len(kept)], ([labels[i] for i in kept] if labels is not None else None), skipped
 
 
-def _to_float(arr: np.ndarray) -> Tensor:
-    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion)."""
-    return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
+def from_uint8(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion); a new tensor."""
+    return torch.as_tensor(images).float().div_(127.5).sub_(1.0)
 
 
 def load_folder(cfg: DataConfig) -> ImageDataset:
@@ -228,7 +228,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
     names, labels = _class_labels(root, files) if cfg.class_cond else (None, None)
     arr, labels, skipped = load_image_files(root, files, cfg.image_size, cfg.channels, cfg.on_error, labels,
                                              limit=cfg.max_images)
-    return ImageDataset(images=_to_float(arr),
+    return ImageDataset(images=from_uint8(arr),
                         labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None,
                         num_classes=len(names) if names is not None else None, class_names=names,
                         skipped=skipped)
@@ -273,7 +273,7 @@ def _twemoji_array(image_size: int, channels: int) -> np.ndarray:
 
 
 def load_twemoji(cfg: DataConfig) -> ImageDataset:
-    return ImageDataset(images=_to_float(_twemoji_array(cfg.image_size, cfg.channels).copy()))
+    return ImageDataset(images=from_uint8(_twemoji_array(cfg.image_size, cfg.channels).copy()))
 
 
 DATASETS: dict[str, Callable[[DataConfig], ImageDataset]] = {

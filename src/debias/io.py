@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,16 @@ def write_tsv(path: str | Path, records: Sequence[dict]) -> None:
 
 def read_tsv(path: str | Path) -> list[dict]:
     """Rows of a TSV written by :func:`write_tsv`, numbers converted to float."""
+    with open(path, newline="") as f:
+        return parse_tsv(f)
+
+
+def parse_tsv(lines: Iterable[str]) -> list[dict]:
+    """Rows of TSV text (an open file or lines), numbers converted to float."""
     def number(v: str) -> Any:
         try:
             return float(v)
         except ValueError:
             return v
 
-    with open(path, newline="") as f:
-        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f, delimiter="\t")]
+    return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(lines, delimiter="\t")]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from debias.config import Config, load_config
-from debias.data import ImageDataset
+from debias.data import ImageDataset, from_uint8
 from debias.errors import DebiasError
 from debias.io import atomic_write
 from debias.sampling import to_uint8
@@ -51,7 +51,7 @@ def load_prepared(path: Path = PREPARED) -> ImageDataset:
     if not path.is_file():
         raise DebiasError(f"{path} not found; run `dvc repro prepare` first")
     with np.load(path) as data:
-        images = torch.from_numpy(data["images"]).float().div_(127.5).sub_(1.0)
+        images = from_uint8(data["images"])
         labels = torch.from_numpy(data["labels"]) if data["labels"].size else None
         num_classes = int(data["num_classes"]) or None
     return ImageDataset(images=images, labels=labels, num_classes=num_classes)

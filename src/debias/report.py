@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from debias.errors import DebiasError  # noqa: E402
-from debias.io import atomic_write, write_text  # noqa: E402
+from debias.io import atomic_write, parse_tsv, write_text  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> None:
@@ -175,16 +174,7 @@ def _tsv_at(rev: str, path: str) -> list[dict] | None:
     else:
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
         text = shown.stdout if shown.returncode == 0 else None
-    if not text:
-        return None
-    return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text), delimiter="\t")]
-
-
-def _number(value: str) -> Any:
-    try:
-        return float(value)
-    except ValueError:
-        return value
+    return parse_tsv(io.StringIO(text)) if text else None
 
 
 def compare_experiments(exp_show: Any, out_dir: str | Path) -> list[Path]:

@@ -8,7 +8,7 @@ the batch size and however many processes share the work.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from debias.checkpoints import atomic_write, load_checkpoint
-from debias.config import SampleConfig
+from debias.config import AUTOCAST_DTYPES, SampleConfig
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.targets import check_target
 from debias.errors import DebiasError
@@ -108,9 +108,6 @@ def generate(model: Callable, schedule: Schedule, target: str, learn_sigma: bool
     return torch.cat(gathered)[:len(indices)].cpu()
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class _Autocast:
     """``model(x, t, y)`` under ``torch.autocast(dtype)``, returning float32 so the solvers' update
     arithmetic stays in float32."""
@@ -124,18 +121,24 @@ class _Autocast:
 
 
 def fast_model(model: Callable, device: torch.device, *, compile: bool = False, precision: str = "fp32") -> Callable:
-    """The callable the samplers evaluate: ``model`` itself by default (exact float32), else
+    """The callable the samplers evaluate: ``model`` itself by default (float32; the caller decides TF32), else
     ``torch.compile``-d (``compile``, same math up to float reassociation) and/or run under
     bf16/fp16 autocast (``precision``; fp16 needs CUDA). See tests/test_speed_options.py for the
     measured deviations from float32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA; use bf16 on the CPU")
+    check_precision(precision, device)
     # static shapes: a smaller last batch recompiles instead of tracing symbolic sizes, which
     # inductor (torch 2.14, CPU) failed to lower for this UNet's training graph
     fn = torch.compile(model, dynamic=False) if compile else model
-    return fn if PRECISIONS[precision] is None else _Autocast(fn, device, PRECISIONS[precision])
+    dtype = AUTOCAST_DTYPES[precision]
+    return fn if dtype is None else _Autocast(fn, device, dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError unless ``precision`` is a known name that ``device`` can run (fp16 needs CUDA)."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(AUTOCAST_DTYPES)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use bf16 on the CPU")
 
 
 def solver_options(solver: str, cfg: SampleConfig) -> dict:
@@ -158,11 +161,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def sample_checkpoint(path: str | Path, solver: str, steps: int, num_samples: int, seed: int = 0,
-                      batch_size: int = 64, *, class_labels: Sequence[int] | None = None, spacing: str = "even",
-                      clip_x0: bool = True, ema: bool = True, device: str = "cpu",
-                      progress: Callable[[int, int], None] | None = None, compile: bool = False,
-                      precision: str = "fp32", **solver_options) -> Tensor:
+                      batch_size: int = 64, **options) -> Tensor:
     """Sample a checkpoint's model (its first EMA unless ``ema`` is False); uint8 (N, C, H, W).
+    Options as in :func:`sample_checkpoint_steps`."""
+    return next(sample_checkpoint_steps(path, solver, [steps], num_samples, seed, batch_size, **options))[1]
+
+
+def sample_checkpoint_steps(path: str | Path, solver: str, steps: Sequence[int], num_samples: int, seed: int = 0,
+                            batch_size: int = 64, *, class_labels: Sequence[int] | None = None,
+                            spacing: str = "even", clip_x0: bool = True, ema: bool = True, device: str = "cpu",
+                            progress: Callable[[int, int], None] | None = None, compile: bool = False,
+                            precision: str = "fp32", **solver_options) -> Iterator[tuple[int, Tensor]]:
+    """(step count, uint8 (N, C, H, W) samples) for each of ``steps``, with the same seeds, from one
+    load (and one compilation) of a checkpoint's model — its first EMA unless ``ema`` is False.
 
     On CUDA the model runs channels-last with TF32 matmuls; ``compile`` and ``precision`` as in
     :func:`fast_model`.
@@ -192,12 +203,13 @@ def sample_checkpoint(path: str | Path, solver: str, steps: int, num_samples: in
         raise DebiasError(f"{path}: config learn_sigma={learn_sigma} does not match the model's "
                           f"{model.out_channels} output channels")
     try:
-        select_timesteps(schedule.num_timesteps, steps, spacing, multistep=solver in MULTISTEP)
+        for n in steps:
+            select_timesteps(schedule.num_timesteps, n, spacing, multistep=solver in MULTISTEP)
         _labels_for([], seed, model.num_classes, class_labels)
     except ValueError as err:
         raise DebiasError(str(err)) from None
     try:
-        fast_model(model, device, precision=precision)
+        check_precision(precision, device)
     except ValueError as err:
         raise DebiasError(str(err)) from None
     model = model.to(device)
@@ -206,9 +218,13 @@ def sample_checkpoint(path: str | Path, solver: str, steps: int, num_samples: in
 
         enable_fast_math(device)
         model = model.to(memory_format=torch.channels_last)
-    return generate(model, schedule, target, learn_sigma, solver, steps, num_samples, seed, batch_size,
-                    class_labels=class_labels, clip_x0=clip_x0, spacing=spacing, device=device, progress=progress,
-                    compile=compile, precision=precision, **solver_options)
+    fn = fast_model(model, device, compile=compile, precision=precision)
+    image_shape = (model.in_channels, model.image_size, model.image_size)
+    for n in steps:
+        yield n, generate(fn, schedule, target, learn_sigma, solver, n, num_samples, seed, batch_size,
+                          class_labels=class_labels, clip_x0=clip_x0, spacing=spacing, device=device,
+                          progress=progress, image_shape=image_shape, num_classes=model.num_classes,
+                          **solver_options)
 
 
 def _as_numpy(images: Tensor | np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from debias.config import Config
+from debias.config import AUTOCAST_DTYPES, Config
 from debias.data import ImageDataset, load_dataset
 from debias.diffusion.losses import diffusion_loss, timestep_buckets
 from debias.diffusion.schedule import Schedule
@@ -433,7 +433,7 @@ def _precision(precision: str, device: torch.device) -> tuple[torch.dtype | None
     if precision == "fp16" and device.type != "cuda":
         log.warning("warning: train.precision=fp16 needs CUDA; using bf16 autocast on %s", device.type)
         precision = "bf16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], precision == "fp16"
+    return AUTOCAST_DTYPES[precision], precision == "fp16"
 
 
 def _progress_bar(enabled: bool, total: int, start: int):

@@ -518,7 +518,7 @@ _FLAG_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _flag_bool(value: Any) -> bool:
+def flag_bool(value: Any) -> bool:
     """guided-diffusion's str2bool."""
     if isinstance(value, bool):
         return value
@@ -566,18 +566,18 @@ def unet_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         "image_size": image_size,
         "in_channels": in_channels,
         "model_channels": int(f["num_channels"]),
-        "out_channels": in_channels * (2 if _flag_bool(f["learn_sigma"]) else 1),
+        "out_channels": in_channels * (2 if flag_bool(f["learn_sigma"]) else 1),
         "num_res_blocks": int(f["num_res_blocks"]),
         "attention_resolutions": tuple(image_size // int(res) for res in resolutions),
         "dropout": float(f["dropout"]),
         "channel_mult": channel_mult,
-        "num_classes": int(f["num_classes"]) if _flag_bool(f["class_cond"]) else None,
-        "use_checkpoint": _flag_bool(f["use_checkpoint"]),
-        "use_fp16": _flag_bool(f["use_fp16"]),
+        "num_classes": int(f["num_classes"]) if flag_bool(f["class_cond"]) else None,
+        "use_checkpoint": flag_bool(f["use_checkpoint"]),
+        "use_fp16": flag_bool(f["use_fp16"]),
         "num_heads": int(f["num_heads"]),
         "num_head_channels": int(f["num_head_channels"]),
         "num_heads_upsample": int(f["num_heads_upsample"]),
-        "use_scale_shift_norm": _flag_bool(f["use_scale_shift_norm"]),
-        "resblock_updown": _flag_bool(f["resblock_updown"]),
-        "use_new_attention_order": _flag_bool(f["use_new_attention_order"]),
+        "use_scale_shift_norm": flag_bool(f["use_scale_shift_norm"]),
+        "resblock_updown": flag_bool(f["resblock_updown"]),
+        "use_new_attention_order": flag_bool(f["use_new_attention_order"]),
     }
