@@ -161,7 +161,7 @@ overrides = st.one_of(st.builds(lambda k, v: f"{k}={override_text(v)}", dotted, 
 
 @FUZZ
 @given(st.lists(overrides, min_size=1, max_size=3))
-def test_random_set_options_never_traceback(workdir, sets):
+def test_random_set_options_never_traceback(sets):
     args = ["config", "-p", str(PARAMS_FILE), *[f"--set={s}" for s in sets]]
     assert_clean(CliRunner().invoke(app, args), args)
 

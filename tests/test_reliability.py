@@ -111,10 +111,8 @@ def kill_at_random_moments(cmd: list[str], out: Path, seeds: range, span: float,
     """SIGKILL ``cmd`` after a seeded random delay in [0, span) for each seed. For odd seeds ``out``
     first holds a complete earlier version (``previous``); after each kill ``out`` must be absent
     (even seeds), that earlier version, or a complete output (``complete`` if given)."""
-    delays = []
     for seed in seeds:
         delay = random.Random(seed).uniform(0, span)
-        delays.append(delay)
         out.unlink(missing_ok=True)
         if seed % 2:
             out.write_bytes(previous)
@@ -125,7 +123,6 @@ def kill_at_random_moments(cmd: list[str], out: Path, seeds: range, span: float,
             if data not in allowed:
                 assert complete is None or data == complete, f"seed {seed}: torn output after {delay:.2f} s"
         assert_only_output_or_hidden_temps(out)
-    return delays
 
 
 def sample_cmd(checkpoint: Path, out: Path) -> list[str]:
@@ -463,7 +460,7 @@ def test_checkpoint_of_another_architecture_is_refused(micro_checkpoint, tmp_pat
 @pytest.mark.parametrize("unet_kwargs", [{"bogus": 1}, {"image_size": "eight"}, [1, 2], None])
 def test_checkpoint_with_unusable_model_arguments_is_refused(micro_checkpoint, tmp_path, unet_kwargs):
     ckpt = load_checkpoint(micro_checkpoint)
-    blob = {**Checkpoint(**vars(ckpt)).to_dict(), "unet_kwargs": unet_kwargs}
+    blob = {**ckpt.to_dict(), "unet_kwargs": unet_kwargs}
     path = tmp_path / "odd.pt"
     torch.save(blob, path)
     result = CliRunner().invoke(app, ["sample", str(path), "-n", "2", "--steps", "2", "--out", str(tmp_path / "x.npz")])
@@ -643,6 +640,21 @@ def test_fp16_needs_cuda_and_falls_back_to_bf16_on_cpu(caplog):
     assert training._precision("fp16", torch.device("cuda")) == (torch.float16, True)
 
 
+def overflowing_at(call: int):
+    """training.diffusion_loss, except that call number ``call`` (0-based) returns a finite mean loss of
+    1e37, so that loss * scale = inf and every gradient overflows."""
+    real, calls = training.diffusion_loss, []
+
+    def loss(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        if len(calls) == call:
+            terms.loss = terms.loss * (1e37 / terms.loss.detach().mean())
+        calls.append(1)
+        return terms
+
+    return loss
+
+
 def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tmp_path):
     """The GradScaler path of Trainer.step (what train.precision=fp16 runs on CUDA), on the CPU: a
     step whose scaled gradients overflow leaves the weights untouched and halves the loss scale;
@@ -652,16 +664,7 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
     unet_kwargs = training.unet_kwargs_for(cfg, dataset.num_classes)
     trainer = Trainer(cfg, dataset, unet_kwargs, torch.device("cpu"), Ranks(), tmp_path)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
-    real, calls = training.diffusion_loss, []
-
-    def overflowing_at_step_1(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        if len(calls) == 1:  # a finite mean loss of 1e37, but loss * scale = inf: every gradient overflows
-            terms.loss = terms.loss * (1e37 / terms.loss.detach().mean())
-        calls.append(1)
-        return terms
-
-    monkeypatch.setattr(training, "diffusion_loss", overflowing_at_step_1)
+    monkeypatch.setattr(training, "diffusion_loss", overflowing_at(1))
     weights = []
     for k in range(4):
         trainer.step(k)
@@ -678,16 +681,7 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a GradScaler needs CUDA")
 def test_fp16_training_on_cuda_recovers_from_overflow(monkeypatch, tmp_path):
-    real, calls = training.diffusion_loss, []
-
-    def overflowing_at_step_2(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        if len(calls) == 2:
-            terms.loss = terms.loss * (1e37 / terms.loss.detach().mean())
-        calls.append(1)
-        return terms
-
-    monkeypatch.setattr(training, "diffusion_loss", overflowing_at_step_2)
+    monkeypatch.setattr(training, "diffusion_loss", overflowing_at(2))
     cfg = config_from_dict({}, [*MICRO, "train.precision=fp16", "train.devices=cuda", "train.steps=6"])
     train(cfg, tmp_path, progress=False)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)

@@ -21,9 +21,10 @@ def write_checkpoint(path, unet_kwargs=UNET, num_classes=None, noise=0.0):
                     diffusion=DiffusionConfig(steps=100, schedule="cosine")).to_dict()
     torch.manual_seed(0)
     model = UNetModel(**dict(UNET, num_classes=num_classes))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(noise * torch.randn_like(p))
+    if noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
     save_checkpoint(path, Checkpoint(config=config, unet_kwargs=dict(unet_kwargs, num_classes=num_classes),
                                      model=model.state_dict()))
     return path
