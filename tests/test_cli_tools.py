@@ -67,6 +67,7 @@ def test_convert_errors(original_state_dict, tmp_path):
     assert_one_line_error(cli("convert", tmp_path / "missing.pt", "--flags", FLAGS, "-o", tmp_path / "m.pt"))
     wrong = FLAGS.replace("--num_channels 32", "--num_channels 64")
     assert_one_line_error(cli("convert", path, "--flags", wrong, "-o", tmp_path / "m.pt"))
+    assert_one_line_error(cli("convert", path, "--flags", FLAGS + " --predict_xstart Ture", "-o", tmp_path / "m.pt"))
     assert not (tmp_path / "m.pt").exists()
 
 
