@@ -4,7 +4,7 @@
     original = make_baseline(UNetModel(**kwargs))   # same module, same weights, upstream's code paths
 
 The reference code base (openai/guided-diffusion, which the Debias paper's code forks) differs from
-``debias.models.unet`` in how it computes, not in what it computes; this module swaps those code
+``debias.models.layers`` in how it computes, not in what it computes; this module swaps those code
 paths back in, in place, so that "original vs ours" can be timed in one process on identical
 weights (``state_dict`` names and shapes are unchanged):
 
@@ -21,9 +21,9 @@ weights (``state_dict`` names and shapes are unchanged):
   i.e. always normalising in float32 with a cast in and a cast out.
 
 Everything else (ResBlocks, resampling, timestep embedding, the torso's dtype handling) already
-follows upstream line by line in :mod:`debias.models.unet`.
+follows upstream line by line in :mod:`debias.models.layers`.
 
-:class:`UpstreamTrainer` is our :class:`~debias.training.Trainer` with its ``step`` replaced by
+:class:`UpstreamTrainer` is our :class:`~debias.train.loop.Trainer` with its ``step`` replaced by
 upstream's ``TrainLoop.run_step`` (guided_diffusion/train_util.py, fp16_util.py, nn.py, resample.py),
 for the training benchmark: ``UniformSampler`` timesteps drawn with numpy; ``log_loss_dict``
 (``.item()`` of every loss term and a Python loop over the batch for the quartile logs);
@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.reverse import p_mean_variance
 from debias.diffusion.schedule import Schedule
-from debias.models.unet import AttentionBlock, GroupNorm32
+from debias.models.layers import AttentionBlock, GroupNorm32
 from debias.samplers.timesteps import select_timesteps
-from debias.training import Trainer
+from debias.train.loop import Trainer
 
 
 class CheckpointFunction(torch.autograd.Function):

@@ -18,9 +18,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from baseline_unet import make_baseline
-from debias.config import AUTOCAST_DTYPES, PRECISIONS, Config, config_from_dict
+from debias.config import Config, config_from_dict
 from debias.models.unet import UNetModel
-from debias.training import enable_fast_math, select_device
+from debias.runtime import AUTOCAST_DTYPES, PRECISIONS, enable_tf32, resolve_device
 
 CONFIGS: dict[str, tuple[str, dict]] = {
     "a": ("digits default 8x8x1, 32ch [1,2], attn 4, bs 128", {}),
@@ -75,8 +75,8 @@ def start(args: argparse.Namespace, what: str) -> tuple[torch.device, float]:
     (device, matmul peak FLOP/s in our precision: ``args.precision``, else fp32)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device, 0)
-    enable_fast_math(device)
+    device = resolve_device(args.device)
+    enable_tf32(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = getattr(args, "precision", "fp32")
     peak = matmul_peak(device, precision)

@@ -2,7 +2,7 @@
 
     python benchmarks/fid_throughput.py --device cpu --n 256 --size 32 --batch 64
 
-Random uint8 images (N, C, size, size) go through :func:`debias.metrics.extract_features` (torch-
+Random uint8 images (N, C, size, size) go through :func:`debias.metrics.features.extract_features` (torch-
 fidelity's inception-v3-compat extractor, every image resized to 299x299 inside, float32). One
 warm-up batch, excluded from the timing, builds the extractor and counts the FLOPs per image with
 ``FlopCounterMode``; MFU divides the achieved FLOP/s by the fp32 matmul peak measured in this run.
@@ -16,7 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import add_common_args, peak_memory_mib, reset_peak_memory, start, sync
-from debias.metrics import extract_features, resolve_inception_weights
+from debias.metrics.features import extract_features
+from debias.metrics.inception import resolve_inception_weights
 
 
 def main() -> None:

@@ -39,9 +39,10 @@ from baseline_unet import make_baseline, upstream_ddim
 from common import CONFIGS, add_common_args, config_for, config_names, forward_flops, peak_memory_mib, \
     reset_peak_memory, run_configs, speedup_row, start, sync
 from debias.diffusion.schedule import Schedule
-from debias.models.factory import unet_kwargs_for
+from debias.models.factory import DiffusionModel, unet_kwargs_for
 from debias.models.unet import UNetModel
-from debias.sampling import fast_model, generate
+from debias.runtime import inference_network
+from debias.sampling import generate
 
 SOLVERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 DEFAULT_BATCH = {"a": 64, "b": 64, "c": 64, "d": 16, "e": 16}
@@ -52,8 +53,8 @@ def sampler_for(label: str, fn, schedule: Schedule, learn_sigma: bool, solver: s
     """A no-argument call that samples one batch of ``shape`` with ``solver`` as ``label`` would."""
     if label == "original" and solver == "ddim":
         return lambda: upstream_ddim(fn, shape, steps, schedule, learn_sigma)
-    return lambda: generate(fn, schedule, "eps", learn_sigma, solver, steps, shape[0], 0, shape[0], device=device,
-                            image_shape=shape[1:], num_classes=None)
+    model = DiffusionModel(fn, schedule, "eps", learn_sigma, shape[1:])
+    return lambda: generate(model, solver, steps, shape[0], 0, shape[0], device=device)
 
 
 def run_once(sample: Callable[[], object], device: torch.device) -> float:
@@ -73,7 +74,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, peak: float
     original = make_baseline(copy.deepcopy(model))
     if device.type == "cuda" or args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fns = {"ours": fast_model(model, device, compile=args.compile, precision=args.precision)}
+    fns = {"ours": inference_network(model, device, compile=args.compile, precision=args.precision)}
     if not args.no_baseline:
         fns["original"] = original
     schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps)

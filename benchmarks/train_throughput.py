@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --device cpu --configs d --precision bf16 --baseline
     python benchmarks/train_throughput.py --device cuda --configs e --precision bf16 --compile --baseline
 
-Each config runs :meth:`debias.training.Trainer.step` (data slice, noise, forward, hybrid loss,
+Each config runs :meth:`debias.train.loop.Trainer.step` (data slice, noise, forward, hybrid loss,
 backward, clipping, fused AdamW, EMA) on random images. With ``--baseline`` a second trainer with the
 same config runs the ORIGINAL: its model code paths (``baseline_unet.make_baseline``: forced
 checkpointing and einsum attention in every attention block, float32 GroupNorm casts) stepped by its
@@ -39,7 +39,8 @@ from common import CONFIGS, add_common_args, config_for, config_names, forward_f
 from debias.config import Config
 from debias.data import ImageDataset
 from debias.models.factory import unet_kwargs_for
-from debias.training import Ranks, Trainer
+from debias.runtime import Ranks
+from debias.train.loop import Trainer
 
 # The original's training throughput on the 2-core CPU this project is developed on (fp32, AdamW,
 # median of a few steps, 2026-11-25): the reference the issue asks us to beat by 1.5x.

@@ -1,30 +1,31 @@
 """Stage `analyze`: the paper's evidence — x0 bias per timestep, colour shift vs sampling steps, and
 FID vs training steps (from the snapshots the train stage kept)."""
 
+from dataclasses import replace
+
 from debias.analysis import channel_means, write_bias_analysis, write_color_analysis, write_fid_vs_training
 from debias.config import Config
-from debias.metrics import load_features
+from debias.images import to_uint8
+from debias.metrics.features import load_features
+from debias.models.factory import load_model
 from debias.pipeline import FIGURES, MODEL, PLOTS, REFERENCE_FEATURES, SNAPSHOTS, load_prepared, run_stage
-from debias.sampling import solver_options, to_uint8
 
 
 def main(cfg: Config, args: list[str]) -> None:
     a, s, e = cfg.analyze, cfg.sample, cfg.eval
     dataset = load_prepared()
-    sampling = dict(batch_size=s.batch_size, clip_x0=s.clip_x0, spacing=s.spacing, ema=s.ema)
     n = min(a.num_images, len(dataset))
-    write_bias_analysis(MODEL, dataset.images[:n], None if dataset.labels is None else dataset.labels[:n],
-                        timesteps=a.timesteps, seed=a.seed, batch_size=s.batch_size, ema=s.ema,
-                        tsv=PLOTS / "x0_bias.tsv", png=FIGURES / "x0_bias.png")
-    write_color_analysis(MODEL, channel_means(to_uint8(dataset.images)), solver=a.color_solver, steps=a.color_steps,
-                         num_samples=a.color_samples, seed=a.seed, tsv=PLOTS / "color_shift.tsv",
-                         png=FIGURES / "color_shift.png", grid_png=FIGURES / "color_grid.png",
-                         **sampling, **solver_options(a.color_solver, s))
-    write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_features(REFERENCE_FEATURES),
-                          solver=a.fid_solver, steps=a.fid_steps, num_samples=a.fid_samples, seed=a.seed,
+    write_bias_analysis(load_model(MODEL, ema=s.ema), dataset.images[:n],
+                        None if dataset.labels is None else dataset.labels[:n], timesteps=a.timesteps, seed=a.seed,
+                        batch_size=s.batch_size, tsv=PLOTS / "x0_bias.tsv", png=FIGURES / "x0_bias.png")
+    color = replace(s, steps=a.color_steps, num_samples=a.color_samples, seed=a.seed)
+    write_color_analysis(MODEL, channel_means(to_uint8(dataset.images)), a.color_solver, color,
+                         tsv=PLOTS / "color_shift.tsv", png=FIGURES / "color_shift.png",
+                         grid_png=FIGURES / "color_grid.png")
+    fid = replace(s, steps=[a.fid_steps], num_samples=a.fid_samples, seed=a.seed)
+    write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_features(REFERENCE_FEATURES), a.fid_solver, fid,
                           eval_options=dict(weights=e.inception_weights, batch_size=e.batch_size, device=e.device),
-                          tsv=PLOTS / "fid_vs_train.tsv", png=FIGURES / "fid_vs_train.png",
-                          **sampling, **solver_options(a.fid_solver, s))
+                          tsv=PLOTS / "fid_vs_train.tsv", png=FIGURES / "fid_vs_train.png")
 
 
 if __name__ == "__main__":

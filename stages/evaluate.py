@@ -2,8 +2,10 @@
 
 from debias.config import Config
 from debias.errors import DebiasError
+from debias.images import load_images
 from debias.io import write_json, write_tsv
-from debias.metrics import compute_metrics, load_features, load_images
+from debias.metrics.features import load_features
+from debias.metrics.scores import compute_metrics
 from debias.pipeline import METRICS, REFERENCE_FEATURES, run_stage, samples_file
 
 

@@ -4,9 +4,10 @@ import torch
 
 from debias.config import Config
 from debias.data import load_dataset
-from debias.metrics import extract_features, resolve_inception_weights, save_features
+from debias.images import to_uint8
+from debias.metrics.features import extract_features, save_features
+from debias.metrics.inception import resolve_inception_weights
 from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, run_stage, save_prepared
-from debias.sampling import to_uint8
 
 
 def main(cfg: Config, args: list[str]) -> None:

@@ -4,10 +4,11 @@ the analysis figures and a sample grid per solver."""
 import json
 
 from debias.config import Config
+from debias.figures import plot_lines
+from debias.images import read_npz, save_png_grid
 from debias.io import read_tsv
 from debias.pipeline import FIGURES, LOGS, METRICS, REPORTS, run_stage, samples_file
-from debias.report import plot_lines, render_report
-from debias.sampling import load_npz, save_png_grid
+from debias.report import render_report
 
 
 def main(cfg: Config, args: list[str]) -> None:
@@ -17,9 +18,9 @@ def main(cfg: Config, args: list[str]) -> None:
                title="training loss", xlabel="step", ylabel="loss", logy=True)
     grids = {}
     for solver in cfg.sample.solvers:
-        images = load_npz(samples_file(solver, cfg.sample.steps[0]))[:64]
-        zoom = max(1, 48 // images.shape[-1])  # tiny images are enlarged (nearest) so a person can see them
-        save_png_grid(images.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), REPORTS / f"grid_{solver}.png")
+        images = read_npz(samples_file(solver, cfg.sample.steps[0]))[:64]
+        # tiny images are enlarged (nearest) so a person can see them
+        save_png_grid(images, REPORTS / f"grid_{solver}.png", scale=max(1, 48 // images.shape[-1]))
         grids[f"{solver}, {cfg.sample.steps[0]} steps"] = f"grid_{solver}.png"
     last = log[-1] if log else {}
     render_report(

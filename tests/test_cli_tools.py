@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from debias.analysis import channel_means, color_shift, evaluation_timesteps, x0_bias_per_timestep
 from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from debias.config import Config
+from debias.convert import unet_kwargs_from_flags
 from debias.diffusion.schedule import Schedule
-from debias.models.factory import model_from_checkpoint
-from debias.models.unet import UNetModel, unet_kwargs_from_flags
+from debias.models.factory import DiffusionModel, model_from_checkpoint
+from debias.models.unet import UNetModel
 
 runner = CliRunner()
 
@@ -111,11 +112,13 @@ def test_exact_denoiser_has_no_bias_and_a_biased_one_is_detected():
     mu, s = 0.1, 0.3
     images = mu + s * torch.randn(512, 3, 8, 8, generator=gen, dtype=torch.float64)
     ts = evaluation_timesteps(1000, 6)
-    exact = x0_bias_per_timestep(ExactGaussianDenoiser(schedule, mu, s), schedule, "eps", False, images, ts)
+    exact = x0_bias_per_timestep(DiffusionModel(ExactGaussianDenoiser(schedule, mu, s), schedule, "eps", False,
+                                                (3, 8, 8)), images, ts)
     for row in exact:  # the exact posterior mean is unbiased: |mean error| ≲ its standard error
         assert max(abs(b) for b in row.bias) < 4 * (row.mse / images[:, 0].numel()) ** 0.5 + 1e-9
     offset = torch.tensor([0.2, -0.1, 0.0], dtype=torch.float64)
-    biased = x0_bias_per_timestep(ExactGaussianDenoiser(schedule, mu, s, offset), schedule, "eps", False, images, ts)
+    biased = x0_bias_per_timestep(DiffusionModel(ExactGaussianDenoiser(schedule, mu, s, offset), schedule, "eps",
+                                                 False, (3, 8, 8)), images, ts)
     for row in biased:
         assert row.bias[0] > 0.15 and row.bias[1] < -0.05 and abs(row.bias[2]) < 0.05
 

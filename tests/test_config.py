@@ -23,6 +23,12 @@ def test_repo_params_file_is_valid_and_complete():
             assert set(raw[section]) == set(values), section
 
 
+def test_params_file_values_are_the_defaults():
+    """One source per default: the dataclass defaults (which the CLI uses) are params.yaml's values."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert config_from_dict(raw) == Config()
+
+
 def test_overrides_use_dvc_syntax():
     cfg = config_from_dict({}, ["weighting=p2", "loss.p2_gamma=0.5", "sample.steps=[5, 10]", "train.lr=1e-3",
                                 "data.path=null"])
@@ -45,7 +51,7 @@ def test_overrides_use_dvc_syntax():
     (["sample.precision=fp8"], "sample.precision: unknown value 'fp8'; allowed: fp32, bf16, fp16"),
     (["diffusion.steps=10"], "diffusion.steps: must be >= 20 for the linear schedule"),
     (["data.name=folder"], "data.path: is required"),
-    (["train.snapshot_steps=[5000]"], "train.snapshot_steps: must lie in"),
+    (["train.snapshot_steps=[0]"], "train.snapshot_steps: must be positive"),
     (["eval.kid_subset_size=1000", "sample.num_samples=10"], "eval.kid_subset_size: must be <="),
     (["train.lr=.nan"], "train.lr: must be finite"),
     (["novalue"], "expected key=value"),

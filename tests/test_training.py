@@ -10,11 +10,14 @@ import pytest
 import torch
 import yaml
 
-import debias.training as training
+import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
 from debias.config import config_from_dict
 from debias.errors import DebiasError
-from debias.training import CHECKPOINT, TIMESTEP_LOG, TRAIN_LOG, EpochSampler, export_model, train
+from debias.train.logs import TIMESTEP_LOG, TRAIN_LOG
+from debias.train.loop import train
+from debias.train.rundir import CHECKPOINT, export_model
+from debias.train.state import EpochSampler
 
 # a tiny UNet and a short run; dropout, flips and labels so that every random stream is exercised
 TINY = {
@@ -103,7 +106,7 @@ def test_changed_recipe_starts_over_and_short_steps_fail(tmp_path, caplog):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = training.diffusion_loss, []
+    real, calls = loop.diffusion_loss, []
 
     def poisoned(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -112,7 +115,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
     with pytest.raises(DebiasError, match=r"non-finite loss at step 7; last good checkpoint kept at .*checkpoint\.pt"):
         train(tiny(), tmp_path, progress=False)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)

@@ -7,13 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from debias.models.unet import (
-    AttentionBlock,
-    UNetModel,
-    build_unet,
-    qkv_attention,
-    unet_kwargs_from_flags,
-)
+from debias.config import ModelConfig
+from debias.convert import unet_kwargs_from_flags
+from debias.models.factory import unet_kwargs
+from debias.models.layers import AttentionBlock, qkv_attention
+from debias.models.unet import UNetModel
 
 GOLDEN = torch.load(
     Path(__file__).parent / "fixtures" / "unet_adm_small.pt", weights_only=True
@@ -128,26 +126,19 @@ def test_class_conditional_model_uses_labels():
 
 
 def test_grey_model_with_learned_sigma():
-    model = build_unet(
-        image_size=28,
-        channels=1,
-        model_channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=[7],
-        learn_sigma=True,
-    )
+    params = ModelConfig(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[7],
+                         learn_sigma=True)
+    model = UNetModel(**unet_kwargs(params, image_size=28, channels=1, num_classes=None))
     out = randomize_(model).eval()(torch.randn(2, 1, 28, 28), torch.tensor([3, 700]))
     assert out.shape == (2, 2, 28, 28)
     assert torch.isfinite(out).all()
 
 
-def test_build_unet_maps_resolutions_to_downsample_rates():
+def test_unet_kwargs_map_resolutions_to_downsample_rates():
     common = dict(model_channels=32, num_res_blocks=1, num_head_channels=16)
-    built = build_unet(
-        image_size=32, channels=3, channel_mult=(1, 2, 2, 2), attention_resolutions=[16, 8],
-        learn_sigma=True, **common,
-    )
+    params = ModelConfig(channel_mult=[1, 2, 2, 2], attention_resolutions=[16, 8], learn_sigma=True,
+                         use_scale_shift_norm=False, resblock_updown=False, **common)
+    built = UNetModel(**unet_kwargs(params, image_size=32, channels=3, num_classes=None))
     direct = UNetModel(
         image_size=32, in_channels=3, out_channels=6, channel_mult=(1, 2, 2, 2),
         attention_resolutions=(2, 4), **common,
@@ -161,12 +152,11 @@ def test_build_unet_maps_resolutions_to_downsample_rates():
     "image_size, resolutions, message",
     [(32, [12], "resolution 12"), (32, [64], "resolution 64"), (30, [15], "image size 30")],
 )
-def test_build_unet_rejects_impossible_layouts(image_size, resolutions, message):
+def test_unet_kwargs_reject_impossible_layouts(image_size, resolutions, message):
+    params = ModelConfig(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+                         attention_resolutions=resolutions)
     with pytest.raises(ValueError, match=message):
-        build_unet(
-            image_size=image_size, channels=3, model_channels=32, channel_mult=(1, 2, 2),
-            num_res_blocks=1, attention_resolutions=resolutions,
-        )
+        unet_kwargs(params, image_size=image_size, channels=3, num_classes=None)
 
 
 def test_only_2d_is_supported():

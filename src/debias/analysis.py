@@ -8,25 +8,22 @@ shift of the samples. These functions measure both for any model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from debias.checkpoints import load_checkpoint
-from debias.diffusion import targets
-from debias.diffusion.reverse import split_output
-from debias.diffusion.schedule import Schedule
+from debias.config import SampleConfig
 from debias.errors import DebiasError
+from debias.figures import plot_lines, save_sample_rows
 from debias.io import write_tsv
-from debias.metrics import compute_metrics
-from debias.models.factory import model_from_checkpoint
-from debias.report import plot_lines, save_sample_rows
-from debias.sampling import sample_checkpoint, sample_checkpoint_steps
-
-ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+from debias.metrics.features import Features
+from debias.metrics.scores import compute_metrics
+from debias.models.factory import DiffusionModel
+from debias.sampling import sample_checkpoint
+from debias.samplers.denoiser import Denoiser
 
 
 @dataclass
@@ -52,12 +49,11 @@ def evaluation_timesteps(num_timesteps: int, count: int) -> list[int]:
 
 
 @torch.inference_mode()
-def x0_bias_per_timestep(model: ModelFn, schedule: Schedule, target: str, learn_sigma: bool, images: Tensor,
-                         timesteps: Sequence[int], seed: int = 0, batch_size: int = 256,
-                         labels: Tensor | None = None) -> list[BiasRow]:
+def x0_bias_per_timestep(model: DiffusionModel, images: Tensor, timesteps: Sequence[int], seed: int = 0,
+                         batch_size: int = 256, labels: Tensor | None = None) -> list[BiasRow]:
     """For real images x0 (N, C, H, W) in [-1, 1] and each t: noise them, predict x̂0 (unclipped), and
     report the mean squared error and the signed mean error per channel (the bias) over all images."""
-    rows = []
+    schedule, rows = model.schedule, []
     for t_value in timesteps:
         gen = torch.Generator().manual_seed(seed * 100_003 + int(t_value))
         noise = torch.randn(images.shape, generator=gen, dtype=images.dtype)
@@ -68,9 +64,9 @@ def x0_bias_per_timestep(model: ModelFn, schedule: Schedule, target: str, learn_
             t = torch.full((len(x0),), int(t_value), dtype=torch.long)
             xt = schedule.q_sample(x0, t, noise[start:start + batch_size])
             y = None if labels is None else labels[start:start + batch_size]
-            pred, _ = split_output(model(xt, schedule.timestep_map[t], y), x0.shape[1], learn_sigma)
+            denoiser = Denoiser(model.network, schedule, model.target, model.learn_sigma, clip_x0=False, labels=y)
             alpha, sigma = schedule.gather(schedule.alpha, t, xt), schedule.gather(schedule.sigma, t, xt)
-            err = (targets.x0_from(target, pred, xt, alpha, sigma) - x0).double()
+            err = (denoiser(xt, schedule.timestep_map[t], alpha, sigma).x0 - x0).double()
             sq_sum += err.pow(2).sum()
             err_sum += err.sum(dim=(0, 2, 3))
         per_channel = images.numel() / images.shape[1]
@@ -119,33 +115,28 @@ def shift_table(rows: Sequence[ShiftRow]) -> list[dict]:
              **{f"mean_c{c}": m for c, m in enumerate(r.mean)}} for r in rows]
 
 
-def write_bias_analysis(checkpoint: Path, images: Tensor, labels: Tensor | None, *, timesteps: int, seed: int,
-                        batch_size: int, ema: bool, tsv: Path, png: Path) -> list[dict]:
-    """x̂0 error per timestep of a checkpoint on real images (N, C, H, W) in [-1, 1]: TSV + figure."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = ckpt.config
-    schedule = Schedule.named(cfg["diffusion"]["schedule"], int(cfg["diffusion"]["steps"]))
-    model = model_from_checkpoint(ckpt, ema=ema, source=str(checkpoint))
+def write_bias_analysis(model: DiffusionModel, images: Tensor, labels: Tensor | None, *, timesteps: int, seed: int,
+                        batch_size: int, tsv: Path, png: Path) -> list[dict]:
+    """x̂0 error per timestep of a model on real images (N, C, H, W) in [-1, 1]: TSV + figure."""
     if labels is None and model.num_classes:
-        raise DebiasError(f"{checkpoint} is class-conditional; the images need labels")
-    rows = x0_bias_per_timestep(model, schedule, cfg["target"], bool(cfg["model"]["learn_sigma"]), images,
-                                evaluation_timesteps(schedule.num_timesteps, timesteps), seed=seed,
-                                batch_size=batch_size, labels=labels if model.num_classes else None)
+        raise DebiasError("the model is class-conditional; the images need labels")
+    rows = x0_bias_per_timestep(model, images, evaluation_timesteps(model.schedule.num_timesteps, timesteps),
+                                seed=seed, batch_size=batch_size, labels=labels if model.num_classes else None)
     table = bias_table(rows)
     write_tsv(tsv, table)
     ts = [r["t"] for r in table]
     plot_lines(png, {"‖bias‖ (signed mean error)": (ts, [r["bias_norm"] for r in table]),
                      "MSE": (ts, [r["mse"] for r in table])},
-               title=f"x̂0 error per timestep ({cfg.get('weighting')}, {cfg['target']})", xlabel="t",
+               title=f"x̂0 error per timestep ({model.config.get('weighting')}, {model.target})", xlabel="t",
                ylabel="x̂0 error", logy=True)
     return table
 
 
-def write_color_analysis(checkpoint: Path, data_mean: Tensor, *, solver: str, steps: Sequence[int], num_samples: int,
-                         seed: int, tsv: Path, png: Path, grid_png: Path, **sampling) -> list[dict]:
-    """Colour shift vs sampling steps with the same seeds at every step count: TSV, curve and the
-    Figure-1-style grid (one row of the first 8 seeds per step count)."""
-    samples = dict(sample_checkpoint_steps(checkpoint, solver, steps, num_samples, seed, **sampling))
+def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: SampleConfig, *, tsv: Path, png: Path,
+                         grid_png: Path) -> list[dict]:
+    """Colour shift vs sampling steps (``cfg.steps``), with the same seeds at every step count: TSV, curve
+    and the Figure-1-style grid (one row of the first 8 seeds per step count)."""
+    samples = dict(sample_checkpoint(checkpoint, solver, cfg))
     table = shift_table(color_shift(samples, data_mean))
     write_tsv(tsv, table)
     plot_lines(png, {"‖mean shift‖": ([r["steps"] for r in table], [r["shift_norm"] for r in table])},
@@ -155,15 +146,15 @@ def write_color_analysis(checkpoint: Path, data_mean: Tensor, *, solver: str, st
     return table
 
 
-def write_fid_vs_training(snapshots: Sequence[Path], reference, *, solver: str, steps: int, num_samples: int,
-                          seed: int, eval_options: dict, tsv: Path, png: Path, **sampling) -> list[dict]:
-    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver: TSV + curve."""
+def write_fid_vs_training(snapshots: Sequence[Path], reference: Features, solver: str, cfg: SampleConfig, *,
+                          eval_options: dict, tsv: Path, png: Path) -> list[dict]:
+    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV + curve."""
     rows = []
     for path in sorted(snapshots):
-        images = sample_checkpoint(path, solver=solver, steps=steps, num_samples=num_samples, seed=seed, **sampling)
+        _, images = next(sample_checkpoint(path, solver, cfg))
         result = compute_metrics(images, reference, metrics=("fid",), **eval_options)
         rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
     write_tsv(tsv, rows)
     plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},
-               title=f"FID vs training ({solver}, {steps} steps)", xlabel="training step", ylabel="FID")
+               title=f"FID vs training ({solver}, {cfg.steps[0]} steps)", xlabel="training step", ylabel="FID")
     return rows

@@ -18,8 +18,11 @@ import typer
 import yaml
 
 from debias import __version__
-from debias.config import load_config
+from debias.config import AnalyzeConfig, EvalConfig, SampleConfig, load_config
 from debias.errors import DebiasError
+
+# option defaults are the params' defaults (which params.yaml spells out)
+SAMPLE, EVAL, ANALYZE = SampleConfig(), EvalConfig(), AnalyzeConfig()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and score diffusion models with any target and loss weighting.")
@@ -74,10 +77,11 @@ def train_command(params: Path = PARAMS_OPTION, set_: Optional[list[str]] = SET_
     through torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
     import sys
 
-    from debias.training import relaunch_on_all_gpus, train
+    from debias.runtime import relaunch_on_all_gpus
+    from debias.train.loop import train
 
     cfg = load_config(params, set_ or [])
-    relaunch_on_all_gpus(cfg, ["-m", "debias", *sys.argv[1:]])
+    relaunch_on_all_gpus(cfg.train.devices, ["-m", "debias", *sys.argv[1:]])
     result = train(cfg, out, resume=resume, progress=progress)
     if result.is_main_process:
         loss = f", last logged loss {result.loss:.4g}" if result.loss is not None else ""
@@ -88,10 +92,10 @@ def train_command(params: Path = PARAMS_OPTION, set_: Optional[list[str]] = SET_
 @app.command("info")
 def info_command() -> None:
     """Versions, devices, and the registered weightings, targets, schedules and solvers."""
-    from debias.config import SOLVERS
     from debias.diffusion.schedule import SCHEDULES
     from debias.diffusion.targets import TARGETS
     from debias.diffusion.weighting import WEIGHTINGS
+    from debias.samplers import SOLVERS
 
     cuda = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
     rows = [("debias", __version__), ("torch", f"{torch.__version__} ({cuda})"),
@@ -106,34 +110,67 @@ def info_command() -> None:
 def sample_command(
     checkpoint: Path = typer.Argument(..., help="A debias checkpoint (.pt)."),
     solver: str = typer.Option("ddim", "--solver", "-s", help="ddpm, ddim, dpmsolver, dpmsolver++ or unipc."),
-    steps: int = typer.Option(20, "--steps", help="Model evaluations (at most the model's diffusion steps)."),
-    num_samples: int = typer.Option(64, "--num-samples", "-n", help="How many images."),
-    seed: int = typer.Option(0, "--seed", help="Sample i depends only on (seed, i)."),
+    steps: int = typer.Option(SAMPLE.steps[0], "--steps", help="Model evaluations (at most the model's diffusion steps)."),
+    num_samples: int = typer.Option(SAMPLE.num_samples, "--num-samples", "-n", help="How many images."),
+    seed: int = typer.Option(SAMPLE.seed, "--seed", help="Sample i depends only on (seed, i)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid or an .npz file (uint8 N×C×H×W)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="A folder of PNGs, one per sample."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per model call (does not change the images)."),
+    batch_size: int = typer.Option(SAMPLE.batch_size, "--batch-size", "-b", help="Images per model call (does not change the images)."),
     class_label: Optional[list[int]] = typer.Option(None, "--class-label", help="Class label(s), cycled over samples; default random per sample."),
-    spacing: str = typer.Option("even", "--spacing", help="Timesteps: even (guided-diffusion), linspace, leading, trailing."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM η (0 = deterministic)."),
-    order: Optional[int] = typer.Option(None, "--order", help="DPM-Solver / UniPC order (1-3, default 2)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="UniPC B(h): bh1 or bh2 (default bh2)."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
-    clip: bool = typer.Option(True, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step."),
+    spacing: str = typer.Option(SAMPLE.spacing, "--spacing", help="Timesteps: even (guided-diffusion), linspace, leading, trailing."),
+    eta: Optional[float] = typer.Option(None, "--eta", help=f"DDIM η (default {SAMPLE.eta}: deterministic)."),
+    order: Optional[int] = typer.Option(None, "--order", help=f"DPM-Solver / UniPC order (1-3, default {SAMPLE.order})."),
+    variant: Optional[str] = typer.Option(None, "--variant", help=f"UniPC B(h): bh1 or bh2 (default {SAMPLE.unipc_variant})."),
+    ema: bool = typer.Option(SAMPLE.ema, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
+    clip: bool = typer.Option(SAMPLE.clip_x0, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact on CPU, TF32 matmuls on CUDA), bf16, or fp16 (CUDA): autocast for the network."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
+    precision: str = typer.Option(SAMPLE.precision, "--precision", help="fp32 (exact on CPU, TF32 matmuls on CUDA), bf16, or fp16 (CUDA): autocast for the network."),
+    compile: bool = typer.Option(SAMPLE.compile, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
 ) -> None:
     """Sample images from a checkpoint with any solver."""
-    from debias.sampling import sample_checkpoint, writer_for
+    from dataclasses import replace
+
+    from debias.runtime import autocast_dtype, resolve_device
+    from debias.sampling import sample_checkpoint
 
     write = writer_for(out, out_dir)
     options = {k: v for k, v in {"eta": eta, "order": order, "variant": variant}.items() if v is not None}
+    autocast_dtype(precision, resolve_device(device))
+    cfg = replace(SAMPLE, steps=[steps], num_samples=num_samples, seed=seed, batch_size=batch_size, spacing=spacing,
+                  ema=ema, clip_x0=clip, precision=precision, compile=compile)
     with progress_bar(f"{solver} {steps} steps") as progress:
-        images = sample_checkpoint(checkpoint, solver, steps, num_samples, seed, batch_size,
-                                   class_labels=class_label, spacing=spacing, clip_x0=clip, ema=ema, device=device,
-                                   progress=progress, precision=precision, compile=compile, **options)
+        _, images = next(sample_checkpoint(checkpoint, solver, cfg, class_labels=class_label, device=device,
+                                           progress=progress, **options))
     path = write(images)
     typer.echo(f"{path}: {len(images)} samples ({solver}, {steps} steps, seed {seed})")
+
+
+def writer_for(out: Path | None, out_dir: Path | None) -> Callable[[torch.Tensor], Path]:
+    """Validate ``--out`` / ``--out-dir`` before any work and return ``write(images) -> path``: exactly one
+    of a ``.png`` grid or ``.npz`` file, and a folder of PNGs."""
+    from debias.images import check_output, save_images, save_png_folder
+
+    if (out is None) == (out_dir is None):
+        raise DebiasError("give exactly one of --out (a .png grid or .npz file) and --out-dir (a folder of PNGs)")
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DebiasError(f"--out-dir {out_dir} exists and is not a folder")
+
+        def write_folder(images: torch.Tensor) -> Path:
+            save_png_folder(images, out_dir)
+            return out_dir
+
+        return write_folder
+    try:
+        path = check_output(out)
+    except DebiasError as err:
+        raise DebiasError(f"--out {err}") from None
+
+    def write_file(images: torch.Tensor) -> Path:
+        save_images(images, path)
+        return path
+
+    return write_file
 
 
 @app.command("fid")
@@ -141,18 +178,18 @@ def sample_command(
 def fid_command(
     generated: str = typer.Argument(..., help="An .npz of uint8 images, an image folder, or a built-in dataset name."),
     reference: str = typer.Argument(..., help="The same kinds, or a features .npz written by the prepare stage."),
-    metrics: list[str] = typer.Option(["fid", "kid", "pr"], "--metric", "-m", help="fid, kid, pr (repeatable)."),
+    metrics: list[str] = typer.Option(EVAL.metrics, "--metric", "-m", help="fid, kid, pr, isc (repeatable)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Inception weights file (default: offline standard weights)."),
-    kid_subset_size: int = typer.Option(100, "--kid-subset-size", help="KID subset size (<= both set sizes)."),
+    kid_subset_size: int = typer.Option(EVAL.kid_subset_size, "--kid-subset-size", help="KID subset size (<= both set sizes)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use at most N images of each side."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    device: str = typer.Option("cpu", "--device"),
+    batch_size: int = typer.Option(EVAL.batch_size, "--batch-size", "-b"),
+    device: str = typer.Option(EVAL.device, "--device"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON here."),
 ) -> None:
     """FID / KID / precision-recall between two image sets, offline."""
     from debias.io import write_json
-    from debias.metrics import compute_metrics
-    from debias.sampling import resolve_device
+    from debias.metrics.scores import compute_metrics
+    from debias.runtime import resolve_device
     from debias.sources import image_source
 
     gen = image_source(generated, max_images=max_images)
@@ -175,32 +212,32 @@ def analyze_command(
     checkpoint: Path = typer.Argument(..., help="A debias checkpoint."),
     data: str = typer.Option("digits", "--data", help="Real images: a built-in dataset name, an image folder or an .npz."),
     out_dir: Path = typer.Option(Path("analysis"), "--out-dir", "-o"),
-    num_images: int = typer.Option(256, "--num-images"),
-    timesteps: int = typer.Option(20, "--timesteps", help="Timesteps evaluated, spread evenly over the chain."),
-    solver: str = typer.Option("ddim", "--solver", help="Solver for the colour-shift curve."),
-    steps: list[int] = typer.Option([2, 3, 5, 10, 20, 50], "--steps", help="Step counts for the colour-shift curve (repeatable)."),
-    num_samples: int = typer.Option(256, "--num-samples", "-n"),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
-    ema: bool = typer.Option(True, "--ema/--no-ema"),
+    num_images: int = typer.Option(ANALYZE.num_images, "--num-images"),
+    timesteps: int = typer.Option(ANALYZE.timesteps, "--timesteps", help="Timesteps evaluated, spread evenly over the chain."),
+    solver: str = typer.Option(ANALYZE.color_solver, "--solver", help="Solver for the colour-shift curve."),
+    steps: list[int] = typer.Option(ANALYZE.color_steps, "--steps", help="Step counts for the colour-shift curve (repeatable)."),
+    num_samples: int = typer.Option(ANALYZE.color_samples, "--num-samples", "-n"),
+    seed: int = typer.Option(ANALYZE.seed, "--seed"),
+    batch_size: int = typer.Option(SAMPLE.batch_size, "--batch-size", "-b"),
+    ema: bool = typer.Option(SAMPLE.ema, "--ema/--no-ema"),
 ) -> None:
     """The paper's evidence for one model: x0 bias per timestep and colour shift vs sampling steps."""
+    from dataclasses import replace
+
     from debias.analysis import channel_means, write_bias_analysis, write_color_analysis
-    from debias.checkpoints import load_checkpoint
-    from debias.data import from_uint8
+    from debias.images import from_uint8
+    from debias.models.factory import load_model
     from debias.sources import image_source
 
-    ckpt = load_checkpoint(checkpoint)
-    shape = (ckpt.unet_kwargs["in_channels"], ckpt.unet_kwargs["image_size"])
-    images = image_source(data, shape=shape)
+    model = load_model(checkpoint, ema=ema)
+    images = image_source(data, shape=model.image_shape[:2])
     if not isinstance(images, torch.Tensor):
         raise DebiasError("--data must be images, not precomputed features")
-    real = from_uint8(images[:num_images])
-    write_bias_analysis(checkpoint, real, None, timesteps=timesteps, seed=seed, batch_size=batch_size, ema=ema,
-                        tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png")
-    write_color_analysis(checkpoint, channel_means(images), solver=solver, steps=steps, num_samples=num_samples,
-                         seed=seed, tsv=out_dir / "color_shift.tsv", png=out_dir / "color_shift.png",
-                         grid_png=out_dir / "color_grid.png", batch_size=batch_size, ema=ema)
+    write_bias_analysis(model, from_uint8(images[:num_images]), None, timesteps=timesteps, seed=seed,
+                        batch_size=batch_size, tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png")
+    cfg = replace(SAMPLE, steps=steps, num_samples=num_samples, seed=seed, batch_size=batch_size, ema=ema)
+    write_color_analysis(checkpoint, channel_means(images), solver, cfg, tsv=out_dir / "color_shift.tsv",
+                         png=out_dir / "color_shift.png", grid_png=out_dir / "color_grid.png")
     typer.echo(f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")
 
 

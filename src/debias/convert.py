@@ -12,14 +12,116 @@ given by the command-line flags it was trained with, e.g. the paper's CelebA-HQ 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from debias.checkpoints import Checkpoint, load_untrusted, load_weights, save_checkpoint
 from debias.config import Config
 from debias.errors import DebiasError
-from debias.models.unet import UNetModel, flag_bool, unet_kwargs_from_flags
+from debias.models.unet import UNetModel
+
+# guided-diffusion's create_model defaults, plus the two sizes below 32 chosen here.
+DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+    16: (1, 2, 2),
+    8: (1, 2),
+}
+
+
+# guided-diffusion's model_and_diffusion_defaults() (the values its scripts start from), plus the
+# Debias fork's num_classes flag and an in_channels override.
+_FLAG_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "num_classes": 1000,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+    "learn_sigma": False,
+    "in_channels": 3,
+}
+
+
+def flag_bool(value: Any) -> bool:
+    """guided-diffusion's str2bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(f"expected a boolean flag, got {value!r}")
+
+
+def _flag_numbers(value: Any) -> tuple[float, ...]:
+    """``"1,2,2"``, ``16`` or ``[1, 2]`` -> a tuple of ints (floats where not integral: 0.5)."""
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = value if isinstance(value, Sequence) else [value]
+    numbers = tuple(float(item) for item in items)
+    return tuple(int(n) if n.is_integer() else n for n in numbers)
+
+
+def unet_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn guided-diffusion script flags into :class:`UNetModel` kwargs, as ``create_model`` does.
+
+    Missing flags take guided-diffusion's script defaults (``model_and_diffusion_defaults``);
+    values may be command-line strings (``"True"``, ``"16"``, ``"32,16,8"``). Flags that do not
+    concern the model (``diffusion_steps``, ``noise_schedule``, ...) are ignored.
+    ``attention_resolutions`` are resolutions, converted to rates ``image_size // res`` without
+    validation (as upstream); ``channel_mult`` ``""`` picks the default for the image size.
+    ``in_channels`` (default 3) also sets ``out_channels`` (doubled with ``learn_sigma``).
+    """
+    f = {**_FLAG_DEFAULTS, **flags}
+    image_size = int(f["image_size"])
+    if f["channel_mult"] in ("", None):
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(
+                f"no default channel_mult for image size {image_size}; pass channel_mult"
+            )
+        channel_mult = DEFAULT_CHANNEL_MULT[image_size]
+    else:
+        channel_mult = _flag_numbers(f["channel_mult"])
+    in_channels = int(f["in_channels"])
+    resolutions = _flag_numbers(f["attention_resolutions"])
+    return {
+        "image_size": image_size,
+        "in_channels": in_channels,
+        "model_channels": int(f["num_channels"]),
+        "out_channels": in_channels * (2 if flag_bool(f["learn_sigma"]) else 1),
+        "num_res_blocks": int(f["num_res_blocks"]),
+        "attention_resolutions": tuple(image_size // int(res) for res in resolutions),
+        "dropout": float(f["dropout"]),
+        "channel_mult": channel_mult,
+        "num_classes": int(f["num_classes"]) if flag_bool(f["class_cond"]) else None,
+        "use_checkpoint": flag_bool(f["use_checkpoint"]),
+        "use_fp16": flag_bool(f["use_fp16"]),
+        "num_heads": int(f["num_heads"]),
+        "num_head_channels": int(f["num_head_channels"]),
+        "num_heads_upsample": int(f["num_heads_upsample"]),
+        "use_scale_shift_norm": flag_bool(f["use_scale_shift_norm"]),
+        "resblock_updown": flag_bool(f["resblock_updown"]),
+        "use_new_attention_order": flag_bool(f["use_new_attention_order"]),
+    }
 
 
 def parse_flags(text: str) -> dict[str, str]:

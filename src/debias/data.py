@@ -17,26 +17,37 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import stat
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from debias.config import DataConfig
 from debias.errors import DebiasError, one_line
+from debias.images import IMAGE_SUFFIXES, BadImage, decode_image, from_uint8, to_mode
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _SHOWN_SKIPPED = 10
 _CHUNK = 256  # files decoded per batch of thread-pool work
+
+
+class DataSpec(Protocol):
+    """What a loader reads of the ``data`` params (:class:`debias.config.DataConfig` is one)."""
+
+    name: str
+    path: str | None
+    image_size: int
+    channels: int
+    class_cond: bool
+    on_error: str
+    max_images: int | None
 
 
 @dataclass
@@ -53,37 +64,7 @@ class ImageDataset:
         return self.images.shape[0]
 
 
-class BadImage(Exception):
-    """A file that cannot be used as an image; the message is the reason."""
-
-
 # --------------------------------------------------------------------------- single images
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16/32-bit integer greyscale ("I;16*", "I") and float ("F") images → "L" (16-bit range scaled down)."""
-    arr = np.asarray(im)
-    if im.mode == "F":
-        arr = np.clip(arr, 0.0, 255.0)
-    else:
-        arr = np.clip(arr.astype(np.float64) / 257.0, 0.0, 255.0)
-    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
-
-
-def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
-
-
-def to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL image to "L" or "RGB"; transparency is composited on white."""
-    if im.mode.startswith("I") or im.mode == "F":
-        im = _to_8bit(im)
-    if _has_alpha(im):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1, P, ...
-    return im if im.mode == mode else im.convert(mode)
-
 
 def center_crop_arr(im: Image.Image, image_size: int) -> np.ndarray:
     """guided-diffusion's ``center_crop_arr``: BOX-halve while the short side >= 2·size, BICUBIC-resize
@@ -99,29 +80,10 @@ def center_crop_arr(im: Image.Image, image_size: int) -> np.ndarray:
 
 
 def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One file → (C, size, size) uint8. Raises :class:`BadImage` with the reason for any unusable file."""
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise BadImage(f"cannot stat ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImage("not a regular file")  # a FIFO or device named *.png would block forever
-    if info.st_size == 0:
-        raise BadImage("empty file")
-    try:
-        with Image.open(path) as im:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and im.width * im.height > limit:
-                raise BadImage(f"too large ({im.width}x{im.height} pixels; possible decompression bomb)")
-            im.load()
-            arr = center_crop_arr(to_mode(im, "L" if channels == 1 else "RGB"), image_size)
-    except BadImage:
-        raise
-    except Image.DecompressionBombError:
-        raise BadImage("too large (possible decompression bomb)") from None
-    except Exception as err:  # noqa: BLE001 — decoders of untrusted files raise many types
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise BadImage(reason) from None
+    """One file → (C, size, size) uint8, converted and centre-cropped. Raises :class:`BadImage` with the
+    reason for any unusable file (see :func:`debias.images.decode_image`)."""
+    mode = "L" if channels == 1 else "RGB"
+    arr = decode_image(path, lambda im: center_crop_arr(to_mode(im, mode), image_size))
     if min(arr.shape[:2]) < image_size:
         raise BadImage(f"too small to crop to {image_size}x{image_size}")
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -211,12 +173,7 @@ def load_image_files(root: Path, files: list[Path], image_size: int, channels: i
     return out[:len(kept)], ([labels[i] for i in kept] if labels is not None else None), skipped
 
 
-def from_uint8(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion); a new tensor."""
-    return torch.as_tensor(images).float().div_(127.5).sub_(1.0)
-
-
-def load_folder(cfg: DataConfig) -> ImageDataset:
+def load_folder(cfg: DataSpec) -> ImageDataset:
     root = Path(cfg.path).expanduser()
     if not root.exists():
         raise DebiasError(f"data folder not found: {root}")
@@ -236,7 +193,7 @@ def load_folder(cfg: DataConfig) -> ImageDataset:
 
 # --------------------------------------------------------------------------- built-ins
 
-def load_digits_dataset(cfg: DataConfig) -> ImageDataset:
+def load_digits_dataset(cfg: DataSpec) -> ImageDataset:
     """scikit-learn's digits (1797, 8×8, values 0..16) → [-1, 1], bilinearly resized if image_size != 8."""
     from sklearn.datasets import load_digits
 
@@ -272,11 +229,11 @@ def _twemoji_array(image_size: int, channels: int) -> np.ndarray:
     return arr
 
 
-def load_twemoji(cfg: DataConfig) -> ImageDataset:
+def load_twemoji(cfg: DataSpec) -> ImageDataset:
     return ImageDataset(images=from_uint8(_twemoji_array(cfg.image_size, cfg.channels).copy()))
 
 
-DATASETS: dict[str, Callable[[DataConfig], ImageDataset]] = {
+DATASETS: dict[str, Callable[[DataSpec], ImageDataset]] = {
     "digits": load_digits_dataset,
     "folder": load_folder,
     "twemoji": load_twemoji,
@@ -289,7 +246,7 @@ def _first(dataset: ImageDataset, n: int) -> ImageDataset:
                         class_names=dataset.class_names, skipped=dataset.skipped)
 
 
-def load_dataset(cfg: DataConfig) -> ImageDataset:
+def load_dataset(cfg: DataSpec) -> ImageDataset:
     """The dataset ``cfg.name`` at ``cfg.image_size`` × ``cfg.channels`` (the first ``cfg.max_images``
     images if set). Raises :class:`DebiasError` naming the problem."""
     if cfg.name not in DATASETS:

@@ -1,8 +1,9 @@
 """The one exception type that reaches users as a single line.
 
 Library code raises :class:`DebiasError` for anything a user can fix (bad config, missing file,
-wrong checkpoint). The CLI and the stage scripts print its message as one line and exit with
-code 2; every other exception is a bug and keeps its traceback.
+wrong checkpoint, an unknown solver or option). It is a ``ValueError``, so validation code needs no
+translation layer between "a bad value" and "a user error". The CLI and the stage scripts print its
+message as one line and exit with code 2; every other exception is a bug and keeps its traceback.
 """
 
 
@@ -15,7 +16,7 @@ def one_line(text: str) -> str:
     return text.translate(_LINE_BREAKS)
 
 
-class DebiasError(Exception):
+class DebiasError(ValueError):
     """A user-facing error: the message names the problem in one line (line breaks that come from
     file names, keys or values are shown escaped)."""
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from debias.config import Config, load_config
-from debias.data import ImageDataset, from_uint8
+from debias.data import ImageDataset
 from debias.errors import DebiasError
+from debias.images import from_uint8, to_uint8
 from debias.io import atomic_write
-from debias.sampling import to_uint8
 
 PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared.npz")

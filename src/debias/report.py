@@ -1,4 +1,4 @@
-"""Human-facing outputs: figures, the run report, and the cross-experiment comparison."""
+"""Human-facing outputs: the run report and the cross-experiment comparison (figures: :mod:`debias.figures`)."""
 
 from __future__ import annotations
 
@@ -8,39 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import torch
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from debias.errors import DebiasError  # noqa: E402
-from debias.io import atomic_write, parse_tsv, write_text  # noqa: E402
-
-
-def save_figure(fig, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
-def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-               xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> None:
-    """One line per series (label → (xs, ys)), saved as PNG."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
+from debias.errors import DebiasError
+from debias.figures import plot_lines, plt, save_figure
+from debias.io import parse_tsv, write_text
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -142,22 +112,6 @@ def render_comparison(out_dir: str | Path, experiments: Sequence[Mapping[str, An
     png = out_dir / "comparison.png"
     save_figure(fig, png)
     return md, png
-
-
-def save_sample_rows(path: str | Path, rows: Mapping[str, torch.Tensor]) -> None:
-    """A labelled grid: one row per entry (label → uint8 images (n, C, H, W)), e.g. the same seeds
-    sampled with 2, 3, 5, … steps (the paper's Figure 1 layout)."""
-    import torch
-
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.1 * len(rows)), squeeze=False)
-    for ax, (label, images) in zip(axes[:, 0], rows.items()):
-        strip = torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy()
-        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
-                  interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    save_figure(fig, path)
 
 
 CURVES = {  # plots file → (x column, y column, title, log x)

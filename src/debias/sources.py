@@ -10,8 +10,8 @@ import torch
 from debias.config import DataConfig
 from debias.data import DATASETS, load_dataset
 from debias.errors import DebiasError
-from debias.metrics import Features, load_features, load_images
-from debias.sampling import to_uint8
+from debias.images import load_images, to_uint8
+from debias.metrics.features import Features, load_features
 
 BUILTIN_SHAPES = {"digits": (1, 8), "twemoji": (3, 32)}  # (channels, image size) when nothing else says
 

@@ -43,26 +43,18 @@ def split_output(model_output: Tensor, channels: int, learn_sigma: bool) -> tupl
 
 def predict_x0_eps(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Tensor, target: str,
                    learn_sigma: bool, clip_x0: bool = True) -> tuple[Tensor, Tensor]:
-    """x̂0 implied by the prediction (clipped to [-1, 1] when ``clip_x0``) and the ε̂ re-derived from it,
-    each (B, C, H, W) — all DDIM-type solvers need, without the posterior mean and variance."""
+    """x̂0 and ε̂ (each (B, C, H, W)) of a network output at chain indices ``t``, as
+    :func:`debias.diffusion.targets.x0_and_eps` gives them."""
     pred, _ = split_output(model_output, xt.shape[1], learn_sigma)
     alpha, sigma = schedule.gather(schedule.alpha, t, xt), schedule.gather(schedule.sigma, t, xt)
-    pred_x0 = targets.x0_from(target, pred, xt, alpha, sigma)
-    if clip_x0:
-        pred_x0 = pred_x0.clamp(-1, 1)
-    pred_eps = targets.eps_from("x0", pred_x0, xt, alpha, sigma) if (clip_x0 or target != "eps") else pred
-    return pred_x0, pred_eps
+    return targets.x0_and_eps(target, pred, xt, alpha, sigma, clip_x0)
 
 
-def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Tensor, target: str,
-                    learn_sigma: bool, clip_x0: bool = True) -> ReverseStep:
-    """The reverse-step Gaussian for a network output (guided-diffusion's ``p_mean_variance``).
-
-    ``xt`` (B, C, H, W) at chain indices ``t`` (B,); ``model_output`` (B, C or 2C, H, W). The x0 implied
-    by the prediction is clipped to [-1, 1] when ``clip_x0`` and the mean is the posterior mean
-    q(x_{t-1} | x_t, x̂0) (Ho et al. eq. 7).
-    """
-    _, var_values = split_output(model_output, xt.shape[1], learn_sigma)
+def reverse_step(schedule: Schedule, pred_x0: Tensor, pred_eps: Tensor, var_values: Tensor | None, xt: Tensor,
+                 t: Tensor) -> ReverseStep:
+    """p(x_{t-1} | x_t) given the data prediction x̂0 (already clipped if wanted) and ε̂, and the
+    learned-variance values v (None: the fixed "small" variance β̃_t); each (B, C, H, W) at chain
+    indices ``t`` (B,). The mean is the posterior mean q(x_{t-1} | x_t, x̂0) (Ho et al. eq. 7)."""
     if var_values is None:
         variance = schedule.gather(schedule.posterior_variance, t, xt).expand_as(xt)
         log_variance = schedule.gather(schedule.posterior_log_variance_clipped, t, xt).expand_as(xt)
@@ -72,9 +64,20 @@ def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Ten
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         variance = log_variance.exp()
-    pred_x0, pred_eps = predict_x0_eps(schedule, model_output, xt, t, target, learn_sigma, clip_x0)
     mean, _, _ = schedule.q_posterior(pred_x0, xt, t)
     return ReverseStep(mean, variance, log_variance, pred_x0, pred_eps)
+
+
+def p_mean_variance(schedule: Schedule, model_output: Tensor, xt: Tensor, t: Tensor, target: str,
+                    learn_sigma: bool, clip_x0: bool = True) -> ReverseStep:
+    """The reverse-step Gaussian for a network output (guided-diffusion's ``p_mean_variance``).
+
+    ``xt`` (B, C, H, W) at chain indices ``t`` (B,); ``model_output`` (B, C or 2C, H, W). The x0 implied
+    by the prediction is clipped to [-1, 1] when ``clip_x0``.
+    """
+    _, var_values = split_output(model_output, xt.shape[1], learn_sigma)
+    pred_x0, pred_eps = predict_x0_eps(schedule, model_output, xt, t, target, learn_sigma, clip_x0)
+    return reverse_step(schedule, pred_x0, pred_eps, var_values, xt, t)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:

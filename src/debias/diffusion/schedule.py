@@ -1,12 +1,13 @@
 """Discrete-time variance-preserving noise schedules (DDPM / guided-diffusion conventions).
 
-Notation (DESIGN.md): ᾱ_t = alphas_cumprod[t], α_t = √ᾱ_t, σ_t = √(1-ᾱ_t), SNR_t = ᾱ_t/(1-ᾱ_t),
+Notation: ᾱ_t = alphas_cumprod[t], α_t = √ᾱ_t, σ_t = √(1-ᾱ_t), SNR_t = ᾱ_t/(1-ᾱ_t),
 x_t = α_t x0 + σ_t ε. All tables are float64 tensors of length T; they are cast to the data dtype
 only when gathered for a batch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 
@@ -110,6 +111,14 @@ class Schedule:
         ac = self.alphas_cumprod[kept]
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
         return Schedule(1.0 - ac / prev, self.timestep_map[kept])
+
+    def to(self, device: torch.device | str) -> "Schedule":
+        """A copy with every table on ``device``, so that gathering for a batch there never copies (or syncs)."""
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device))
+        return moved
 
     def gather(self, table: Tensor, t: Tensor, x: Tensor) -> Tensor:
         """``table[t]`` cast to x's dtype/device and shaped (B, 1, ..., 1) to broadcast against x (B, ...)."""

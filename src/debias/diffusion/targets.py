@@ -51,3 +51,14 @@ def target_from(target: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tens
         return alpha * eps - sigma * x0
     raise ValueError(f"unknown target {target!r}")
 
+
+
+def x0_and_eps(target: str, pred: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor,
+               clip_x0: bool) -> tuple[Tensor, Tensor]:
+    """x̂0 implied by a prediction of ``target`` (clamped to [-1, 1] when ``clip_x0``) and the ε̂ that
+    goes with it: re-derived from x̂0, except for an unclipped ε-prediction, which is ε̂ itself."""
+    x0 = x0_from(target, pred, xt, alpha, sigma)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    eps = eps_from("x0", x0, xt, alpha, sigma) if (clip_x0 or target != "eps") else pred
+    return x0, eps

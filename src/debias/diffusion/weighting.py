@@ -121,8 +121,3 @@ def loss_weights(name: str, snr: Tensor, target: str, params: WeightingParams = 
         raise ValueError(f"weighting {name!r} is not finite on this schedule")
     return w / w.mean() if params.normalize else w
 
-
-def mean_weight(name: str, snr: Tensor, params: WeightingParams = WeightingParams()) -> float:
-    """Mean ε-space weight over the chain (for reports)."""
-    return float(eps_weight(name, snr.to(torch.float64), params).mean())
-

@@ -1,5 +1,3 @@
-"""Denoising networks."""
-
-from debias.models.unet import UNetModel, build_unet, build_unet_kwargs, unet_kwargs_from_flags
-
-__all__ = ["UNetModel", "build_unet", "build_unet_kwargs", "unet_kwargs_from_flags"]
+"""Denoising networks: the ADM UNet (:mod:`~debias.models.unet`, built from the blocks in
+:mod:`~debias.models.layers`) and :mod:`~debias.models.factory`, which builds it from params or
+loads it, with its diffusion, from a checkpoint."""

@@ -12,55 +12,49 @@ with x̂0 the (optionally clipped) data prediction and ε̂ re-derived from it, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from debias.diffusion.reverse import predict_x0_eps
 from debias.diffusion.schedule import Schedule
+from debias.samplers.denoiser import Denoiser
 from debias.samplers.noise import SampleNoise
-from debias.samplers.timesteps import select_timesteps
 
 
-def ddim_step(model: Callable, chain: Schedule, x: Tensor, t: Tensor, target: str, learn_sigma: bool,
-              clip_x0: bool = True, y: Tensor | None = None, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
-    """One DDIM step x_t → x_{t-1}; ``x`` (B, C, H, W) at chain indices ``t`` (B,).
+def ddim_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor, eta: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """One DDIM step x_t → x_{t-1}; ``x`` (B, C, H, W) at indices ``t`` (B,) of the respaced ``chain``.
 
-    The model sees ``chain.timestep_map[t]``. ``noise`` (B, C, H, W) is z of eq. (12), needed iff η > 0
+    The network sees ``chain.timestep_map[t]``. ``noise`` (B, C, H, W) is z of eq. (12), needed iff η > 0
     (not added where t == 0).
     """
-    output = model(x, chain.timestep_map.to(x.device)[t], y)
-    pred_x0, pred_eps = predict_x0_eps(chain, output, x, t, target, learn_sigma, clip_x0)
+    alpha, sigma = chain.gather(chain.alpha, t, x), chain.gather(chain.sigma, t, x)
+    pred = denoiser(x, chain.timestep_map.to(x.device)[t], alpha, sigma)
     abar = chain.gather(chain.alphas_cumprod, t, x)
     abar_prev = chain.gather(chain.alphas_cumprod_prev, t, x)
-    x_prev = abar_prev.sqrt() * pred_x0
+    x_prev = abar_prev.sqrt() * pred.x0
     if eta == 0:
-        return x_prev + (1 - abar_prev).sqrt() * pred_eps
+        return x_prev + (1 - abar_prev).sqrt() * pred.eps
     if noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise draw")
-    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    sigma_t = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
     nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    return x_prev + (1 - abar_prev - sigma**2).sqrt() * pred_eps + nonzero * sigma * noise
+    return x_prev + (1 - abar_prev - sigma_t**2).sqrt() * pred.eps + nonzero * sigma_t * noise
 
 
 @torch.inference_mode()
-def ddim(model: Callable, x_T: Tensor, steps: int, schedule: Schedule, target: str, learn_sigma: bool,
-         clip_x0: bool = True, y: Tensor | None = None, noise: SampleNoise | None = None,
-         progress: Callable[[int, int], None] | None = None, *, spacing: str = "even", eta: float = 0.0) -> Tensor:
-    """DDIM sampling from x_T (B, C, H, W) with ``steps`` model calls; returns x0 samples (B, C, H, W).
+def ddim(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+         progress: Callable[[int, int], None] | None = None, *, eta: float) -> Tensor:
+    """DDIM sampling from x_T (B, C, H, W) over the ascending original ``timesteps``; returns x0 (B, C, H, W).
 
-    ``noise`` is needed iff ``eta`` > 0 (one draw per step).
+    ``noise`` gives one draw per step when ``eta`` > 0.
     """
-    if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-    if eta > 0 and noise is None:
-        raise ValueError("DDIM with eta > 0 adds noise at every step: pass a noise source (SampleNoise)")
-    chain = schedule.respace(select_timesteps(schedule.num_timesteps, steps, spacing))
+    chain = denoiser.schedule.respace(timesteps)
     x = x_T
     for done, i in enumerate(reversed(range(chain.num_timesteps)), start=1):
         t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-        x = ddim_step(model, chain, x, t, target, learn_sigma, clip_x0, y, eta, noise.draw() if eta > 0 else None)
+        x = ddim_step(denoiser, chain, x, t, eta, noise.draw() if eta > 0 else None)
         if progress is not None:
             progress(done, chain.num_timesteps)
     return x

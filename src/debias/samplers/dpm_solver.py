@@ -33,43 +33,29 @@ then always 1.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from debias.diffusion import targets
-from debias.diffusion.reverse import split_output
 from debias.diffusion.schedule import Schedule
+from debias.samplers.denoiser import Denoiser, Prediction
 from debias.samplers.noise import SampleNoise
-from debias.samplers.timesteps import select_timesteps
-
-ALGORITHMS = ("dpmsolver", "dpmsolver++")
 
 
-def solver_grid(schedule: Schedule, steps: int,
-                spacing: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """The original timesteps a multistep solver visits, descending, and α, σ, λ there (float64 floats).
-
-    Uses the multistep variant of the diffusers spacings (see :mod:`debias.samplers.timesteps`).
-    """
-    timesteps = select_timesteps(schedule.num_timesteps, steps, spacing, multistep=True)[::-1]
+def solver_grid(schedule: Schedule, timesteps: Sequence[int]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """The ascending original ``timesteps`` in the order a multistep solver visits them (descending),
+    and α, σ, λ there (float64 floats)."""
+    timesteps = list(timesteps)[::-1]
     alpha = [float(schedule.alpha[t]) for t in timesteps]
     sigma = [float(schedule.sigma[t]) for t in timesteps]
     lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
     return timesteps, alpha, sigma, lam
 
 
-def data_prediction(model: Callable, x: Tensor, t: int, alpha: float, sigma: float, target: str,
-                    learn_sigma: bool, clip_x0: bool, y: Tensor | None) -> Tensor:
-    """x̂0(x_t, t) (B, C, H, W) from the model at original timestep ``t``, clamped to [-1, 1] if ``clip_x0``.
-
-    Learned-variance channels are dropped: the ODE solvers only use the mean prediction.
-    """
-    output = model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device), y)
-    pred, _ = split_output(output, x.shape[1], learn_sigma)
-    x0 = targets.x0_from(target, pred, x, alpha, sigma)
-    return x0.clamp(-1, 1) if clip_x0 else x0
+def predict_at(denoiser: Denoiser, x: Tensor, t: int, alpha: float, sigma: float) -> Prediction:
+    """The denoiser's predictions at x (B, C, H, W) on original timestep ``t``."""
+    return denoiser(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device), alpha, sigma)
 
 
 def step_order(order: int, i: int, n: int) -> int:
@@ -82,28 +68,23 @@ def step_order(order: int, i: int, n: int) -> int:
 
 
 @torch.inference_mode()
-def dpm_solver(model: Callable, x_T: Tensor, steps: int, schedule: Schedule, target: str, learn_sigma: bool,
-               clip_x0: bool = True, y: Tensor | None = None, noise: SampleNoise | None = None,
-               progress: Callable[[int, int], None] | None = None, *, spacing: str = "even", order: int = 2,
-               algorithm: str = "dpmsolver++") -> Tensor:
-    """Multistep DPM-Solver(++) from x_T (B, C, H, W) with ``steps`` model calls; returns x0 (B, C, H, W).
+def dpm_solver(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+               progress: Callable[[int, int], None] | None = None, *, order: int, algorithm: str) -> Tensor:
+    """Multistep DPM-Solver(++) from x_T (B, C, H, W) over the ascending original ``timesteps`` (one
+    network call each); returns x0 (B, C, H, W).
 
     ``algorithm`` is ``dpmsolver`` (noise-prediction form) or ``dpmsolver++`` (data-prediction form);
     ``noise`` is unused (the solver is deterministic).
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown DPM-Solver algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    timesteps, alpha, sigma, lam = solver_grid(schedule, steps, spacing)
+    timesteps, alpha, sigma, lam = solver_grid(denoiser.schedule, timesteps)
     n = len(timesteps)
     x, history = x_T, []
     for i, t in enumerate(timesteps):
-        x0 = data_prediction(model, x, t, alpha[i], sigma[i], target, learn_sigma, clip_x0, y)
+        pred = predict_at(denoiser, x, t, alpha[i], sigma[i])
+        x0, eps = pred.x0, pred.eps
         if i == n - 1:
             x = x0  # the step to σ = 0: x_0 = x̂0 in both forms
         else:
-            eps = targets.eps_from("x0", x0, x, alpha[i], sigma[i])
             m = x0 if algorithm == "dpmsolver++" else eps
             history = (history + [m])[-3:]
             h = lam[i + 1] - lam[i]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from debias.diffusion.schedule import space_timesteps
+from debias.errors import DebiasError
 
 SPACINGS = ("even", "linspace", "leading", "trailing")
 
@@ -22,13 +23,13 @@ SPACINGS = ("even", "linspace", "leading", "trailing")
 def select_timesteps(num_timesteps: int, steps: int, spacing: str = "even", *, multistep: bool = False) -> list[int]:
     """The ascending original timesteps (``steps`` distinct values in [0, T-1]) a sampler visits.
 
-    Raises ValueError for an unknown spacing, ``steps`` outside [1, T], or a spacing that would
+    Raises DebiasError for an unknown spacing, ``steps`` outside [1, T], or a spacing that would
     repeat a timestep at this step count.
     """
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        raise DebiasError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"cannot sample with {steps} steps: the model's diffusion chain has "
+        raise DebiasError(f"cannot sample with {steps} steps: the model's diffusion chain has "
                          f"{num_timesteps} steps (choose 1..{num_timesteps})")
     T, n = num_timesteps, steps
     if spacing == "even":
@@ -44,6 +45,6 @@ def select_timesteps(num_timesteps: int, steps: int, spacing: str = "even", *, m
         kept = np.arange(1, n + 1) * (T // (n + 1)) if multistep else np.arange(n) * (T // n)
     kept = sorted(int(k) for k in kept)
     if len(set(kept)) != n:
-        raise ValueError(f"{spacing!r} spacing repeats timesteps for {n} steps of a {T}-step chain; "
+        raise DebiasError(f"{spacing!r} spacing repeats timesteps for {n} steps of a {T}-step chain; "
                          "use fewer steps or another spacing")
     return kept

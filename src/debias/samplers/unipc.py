@@ -23,13 +23,13 @@ is the data prediction itself, so no corrector follows it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from debias.diffusion.schedule import Schedule
-from debias.samplers.dpm_solver import data_prediction, solver_grid
+from debias.samplers.denoiser import Denoiser
+from debias.samplers.dpm_solver import predict_at, solver_grid
 from debias.samplers.noise import SampleNoise
 
 VARIANTS = ("bh1", "bh2")
@@ -69,24 +69,19 @@ def uni_bh_update(x_s: Tensor, outputs: list[Tensor], lams: list[float], lam_t: 
 
 
 @torch.inference_mode()
-def unipc(model: Callable, x_T: Tensor, steps: int, schedule: Schedule, target: str, learn_sigma: bool,
-          clip_x0: bool = True, y: Tensor | None = None, noise: SampleNoise | None = None,
-          progress: Callable[[int, int], None] | None = None, *, spacing: str = "even", order: int = 2,
-          variant: str = "bh2") -> Tensor:
-    """UniPC from x_T (B, C, H, W) with ``steps`` model calls; returns x0 samples (B, C, H, W).
+def unipc(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+          progress: Callable[[int, int], None] | None = None, *, order: int, variant: str) -> Tensor:
+    """UniPC from x_T (B, C, H, W) over the ascending original ``timesteps`` (one network call each);
+    returns x0 samples (B, C, H, W).
 
     ``order`` 1–3 is the predictor order p (UniC-p raises the accuracy to p + 1); ``variant`` picks B(h).
     ``noise`` is unused (the solver is deterministic).
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown UniPC variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    timesteps, alpha, sigma, lam = solver_grid(schedule, steps, spacing)
+    timesteps, alpha, sigma, lam = solver_grid(denoiser.schedule, timesteps)
     n = len(timesteps)
     x, outputs, x_last, p_last = x_T, [], None, 0
     for i, t in enumerate(timesteps):
-        m = data_prediction(model, x, t, alpha[i], sigma[i], target, learn_sigma, clip_x0, y)
+        m = predict_at(denoiser, x, t, alpha[i], sigma[i]).x0
         if i == n - 1:
             x = m  # the step to σ = 0 returns the data prediction
         else:

@@ -1,0 +1,198 @@
+"""FID, KID, precision/recall (and Inception Score) through torch-fidelity, fully offline.
+
+Every metric works on the 2048-d pool features of the FID Inception (:mod:`debias.metrics.inception`),
+extracted once per image set (:mod:`debias.metrics.features`); statistics are float64.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from debias.errors import DebiasError
+from debias.images import ImageSource, load_images
+from debias.metrics.features import Features, FeatureStats, Progress, extract
+from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, InceptionWeights, resolve_inception_weights
+
+METRICS = ("fid", "kid", "pr", "isc")
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues → 0)."""
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½ in float64.
+
+    tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of the similar, symmetric PSD
+    matrix Σ1^½ Σ2 Σ1^½, which avoids the complex round-off of a general matrix square root.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
+    root1 = _sqrt_psd(sigma1)
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _check_request(metrics: Sequence[str], n_gen: int, n_ref: int, kid_subset_size: int, pr_k: int) -> None:
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise DebiasError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    smaller = min(n_gen, n_ref)
+    if "fid" in metrics and smaller < 2:
+        raise DebiasError(f"FID needs at least 2 images per set, got {n_gen} generated and {n_ref} reference")
+    if "kid" in metrics and kid_subset_size > smaller:
+        raise DebiasError(
+            f"KID subset size {kid_subset_size} is larger than the image sets "
+            f"({n_gen} generated, {n_ref} reference); lower the KID subset size"
+        )
+    if "pr" in metrics and pr_k >= smaller:
+        raise DebiasError(
+            f"precision/recall k = {pr_k} needs more than {pr_k} images per set "
+            f"({n_gen} generated, {n_ref} reference); lower k"
+        )
+
+
+def _count(source: Tensor | Features) -> int:
+    return len(source.values) if isinstance(source, Features) else len(source)
+
+
+def _image_shape(source: Tensor | Features) -> tuple[int, ...] | None:
+    if isinstance(source, Features):
+        shape = source.meta.get("image_shape")
+        return tuple(shape) if shape is not None else None
+    return tuple(source.shape[1:])
+
+
+def _check_compatible(generated: Tensor | Features, reference: Tensor | Features, sha256: str) -> None:
+    for name, source in (("generated", generated), ("reference", reference)):
+        if isinstance(source, Features) and source.values.shape[1] != FEATURE_DIM:
+            raise DebiasError(f"{name} features are {source.values.shape[1]}-d, not the {FEATURE_DIM}-d Inception "
+                              "pool features these metrics use")
+        if isinstance(source, Features) and source.weights_sha256 != sha256:
+            raise DebiasError(
+                f"{name} features were computed with Inception weights {source.weights_sha256[:12]}, "
+                f"these metrics use {sha256[:12]}; recompute them with the same weights"
+            )
+    gen_shape, ref_shape = _image_shape(generated), _image_shape(reference)
+    if gen_shape is not None and ref_shape is not None and gen_shape != ref_shape:
+        raise DebiasError(
+            f"generated images are C x H x W = {'x'.join(map(str, gen_shape))} but reference images are "
+            f"{'x'.join(map(str, ref_shape))}; they must match"
+        )
+
+
+def compute_metrics(
+    generated: ImageSource | Features,
+    reference: ImageSource | Features,
+    weights: str | os.PathLike | InceptionWeights | None = None,
+    metrics: Sequence[str] = ("fid", "kid", "pr"),
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    pr_k: int = 3,
+    batch_size: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score generated images against reference images (either side may be precomputed
+    :class:`Features`); features are extracted once per set and shared by all metrics.
+
+    Returns the requested values — ``fid``; ``kid``, ``kid_std`` (unbiased MMD² with the cubic
+    polynomial kernel over ``kid_subsets`` random subsets); ``precision``, ``recall`` (k-NN manifolds
+    of Kynkäänniemi et al. 2019); ``isc``, ``isc_std`` (needs weights with a real fc layer) — and
+    ``provenance``: image counts, extractor, weights sha256/source, torch-fidelity version, seconds.
+    ``progress(done, total)`` counts images over both sets.
+    """
+    import torch_fidelity
+
+    started = time.perf_counter()
+    if not isinstance(weights, InceptionWeights):
+        weights = resolve_inception_weights(weights)
+    gen = generated if isinstance(generated, Features) else load_images(generated)
+    ref = reference if isinstance(reference, Features) else load_images(reference)
+    n_gen, n_ref = _count(gen), _count(ref)
+    _check_request(metrics, n_gen, n_ref, kid_subset_size, pr_k)
+    if "isc" in metrics and not weights.has_logits:
+        raise DebiasError(
+            f"Inception Score needs Inception weights with the fc layer; the {weights.source} weights lack it"
+        )
+    if "isc" in metrics and isinstance(gen, Features):
+        raise DebiasError("Inception Score needs the generated images, not precomputed features")
+    _check_compatible(gen, ref, weights.sha256)
+
+    total, offset = sum(_count(s) for s in (gen, ref) if not isinstance(s, Features)), 0
+
+    def features_of(source: Tensor | Features, layers: tuple[str, ...]) -> dict[str, Tensor]:
+        nonlocal offset
+        if isinstance(source, Features):
+            return {"2048": source.values}
+        base, offset = offset, offset + len(source)
+        report = None if progress is None else (lambda done, _: progress(base + done, total))
+        return extract(source, weights, layers, batch_size, device, report)
+
+    gen_feats = features_of(gen, ("2048", "logits_unbiased") if "isc" in metrics else ("2048",))
+    ref_feats = features_of(ref, ("2048",))["2048"]
+    result = _scores(gen_feats, ref_feats, weights.sha256, metrics, kid_subset_size, kid_subsets, pr_k, seed)
+    result["provenance"] = {
+        "n_generated": n_gen,
+        "n_reference": n_ref,
+        "extractor": EXTRACTOR,
+        "weights_sha256": weights.sha256,
+        "weights_source": weights.source,
+        "torch_fidelity_version": torch_fidelity.__version__,
+        "kid_subset_size": kid_subset_size,
+        "kid_subsets": kid_subsets,
+        "pr_k": pr_k,
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+def _scores(
+    gen_feats: dict[str, Tensor],
+    ref: Tensor,
+    sha256: str,
+    metrics: Sequence[str],
+    kid_subset_size: int,
+    kid_subsets: int,
+    pr_k: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Metric values from generated features {layer: (N, D)} and reference pool features (M, 2048)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    gen = gen_feats["2048"]
+    scores: dict[str, Any] = {}
+    if "fid" in metrics:
+        a, b = FeatureStats.from_features(gen, sha256), FeatureStats.from_features(ref, sha256)
+        scores["fid"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    if "kid" in metrics:
+        kid = kid_features_to_metric(
+            gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=False
+        )
+        scores["kid"] = kid["kernel_inception_distance_mean"]
+        scores["kid_std"] = kid["kernel_inception_distance_std"]
+    if "pr" in metrics:
+        prc = prc_features_to_metric(
+            gen, ref, prc_neighborhood=pr_k, prc_batch_size=1024, save_cpu_ram=True, verbose=False
+        )
+        scores["precision"], scores["recall"] = prc["precision"], prc["recall"]
+    if "isc" in metrics:
+        isc = isc_features_to_metric(gen_feats["logits_unbiased"], rng_seed=seed)
+        scores["isc"], scores["isc_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+    return scores

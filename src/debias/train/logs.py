@@ -1,0 +1,108 @@
+"""The training logs: ``train_log.tsv`` (a row every ``train.log_every`` steps) and ``timestep_loss.tsv``
+(the loss over the run per bucket of timesteps), written by rank 0 from all-reduced sums."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from debias.diffusion.losses import timestep_buckets
+from debias.io import atomic_write
+from debias.runtime import Ranks, all_reduced
+
+TRAIN_LOG = "train_log.tsv"
+TIMESTEP_LOG = "timestep_loss.tsv"
+LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "lr", "images_per_s")
+BUCKETS = 10
+
+
+class MetricLogs:
+    """``train_log.tsv`` rows and the whole-run ``timestep_loss.tsv``, from on-device float64 sums.
+
+    Nothing here synchronises with the host except :meth:`write_row` / :meth:`state` (log and
+    checkpoint steps). Sums are per rank; rows and states use their all-reduced totals, and a
+    resumed run puts the saved totals on rank 0 only so that the totals stay global. The rows
+    written so far travel in the checkpoint, so a resumed run rewrites the log exactly as an
+    uninterrupted run has it, even if the file was lost or holds rows past the checkpoint.
+    """
+
+    def __init__(self, log_dir: Path, num_timesteps: int, device: torch.device, ranks: Ranks):
+        self.log_dir, self.num_timesteps, self.ranks = log_dir, num_timesteps, ranks
+        self.interval = torch.zeros(3, dtype=torch.float64, device=device)   # Σ loss, Σ mse, Σ vb
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)  # Σ over steps (same on all ranks)
+        self.interval_steps = 0
+        self.buckets = torch.zeros(BUCKETS, 3, dtype=torch.float64, device=device)  # Σ loss, Σ mse, count
+        self.last_loss: float | None = None
+        self.rows: list[str] = []  # train_log.tsv rows so far (rank 0)
+
+    @torch.no_grad()
+    def accumulate(self, loss: Tensor, mse: Tensor, vb: Tensor, t: Tensor, grad_norm: Tensor) -> None:
+        """Per-sample terms (b,) and timesteps (b,) of this rank's micro-batch; the step's grad norm ()."""
+        self.interval += torch.stack([loss.sum(), mse.sum(), vb.sum()]).double()
+        self.grad_norm += grad_norm.double()
+        self.interval_steps += 1
+        rows = torch.stack([loss, mse, torch.ones_like(loss)], dim=1).double()
+        self.buckets.index_add_(0, timestep_buckets(t, self.num_timesteps, BUCKETS), rows)
+
+    def write_row(self, step: int, lr: float, images_per_s: float, batch_size: int) -> None:
+        """Append the mean over the steps since the last row (all ranks must call this)."""
+        sums = all_reduced(self.interval, self.ranks).tolist()
+        count = self.interval_steps * batch_size
+        loss, mse, vb = (s / count for s in sums)
+        grad_norm = self.grad_norm.item() / self.interval_steps
+        self.interval.zero_()
+        self.grad_norm.zero_()
+        self.interval_steps = 0
+        self.last_loss = loss
+        buckets = all_reduced(self.buckets, self.ranks)
+        if self.ranks.main:
+            self.rows.append("\t".join(_fmt(v) for v in (step, loss, mse, vb, grad_norm, lr, images_per_s)))
+            _append_line(self.log_dir / TRAIN_LOG, self.rows[-1])
+            self._write_buckets(buckets)
+
+    def _write_buckets(self, buckets: Tensor) -> None:
+        """One row per bucket of t: first and last t, mean loss and mse over the run, sample count."""
+        index = timestep_buckets(torch.arange(self.num_timesteps), self.num_timesteps, BUCKETS)
+        lines = ["t_start\tt_end\tloss\tmse\tcount"]
+        for b, (loss, mse, count) in enumerate(buckets.tolist()):
+            ts = (index == b).nonzero().flatten().tolist()
+            if ts:
+                mean = (lambda s: s / count) if count else (lambda s: float("nan"))
+                lines.append("\t".join(_fmt(v) for v in (ts[0], ts[-1], mean(loss), mean(mse), int(count))))
+        atomic_write(self.log_dir / TIMESTEP_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+
+    def state(self) -> dict:
+        """Global totals for a checkpoint (all ranks must call this)."""
+        return {"interval": all_reduced(self.interval, self.ranks).cpu(), "grad_norm": self.grad_norm.cpu(),
+                "interval_steps": self.interval_steps, "buckets": all_reduced(self.buckets, self.ranks).cpu(),
+                "last_loss": self.last_loss, "rows": list(self.rows)}
+
+    def load_state(self, state: dict) -> None:
+        if self.ranks.main:
+            self.interval.copy_(state["interval"])
+            self.buckets.copy_(state["buckets"])
+            self.rows = list(state["rows"])
+        self.grad_norm.copy_(state["grad_norm"])
+        self.interval_steps = int(state["interval_steps"])
+        self.last_loss = state["last_loss"]
+
+    def start(self) -> None:
+        """Rank 0: rewrite ``train_log.tsv`` with the rows so far (none for a fresh run)."""
+        lines = ["\t".join(LOG_COLUMNS), *self.rows]
+        atomic_write(self.log_dir / TRAIN_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+        if not self.rows:
+            (self.log_dir / TIMESTEP_LOG).unlink(missing_ok=True)
+
+
+def _fmt(v: float | int) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.6g}"
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())

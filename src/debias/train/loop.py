@@ -1,0 +1,285 @@
+"""The training loop: one recipe (target × weighting) on one dataset, resumable bit for bit.
+
+Timesteps, noise and flips are drawn for the whole global batch from checkpointed generators
+(:mod:`debias.train.state`) and sliced by rank, and the data order depends only on (seed, step). A
+run killed at any moment and restarted therefore ends with the same weights as an uninterrupted one
+(bitwise on CPU), and N processes under torchrun compute the same gradients as one process with
+the same global batch (up to reduction order). Files (rank 0 only): :mod:`debias.train.rundir`
+(checkpoints every ``train.checkpoint_every`` steps and at the end, snapshots at
+``train.snapshot_steps``) and :mod:`debias.train.logs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from debias.checkpoints import Checkpoint, save_checkpoint
+from debias.config import Config
+from debias.data import ImageDataset, load_dataset
+from debias.diffusion.losses import diffusion_loss
+from debias.diffusion.schedule import Schedule
+from debias.diffusion.weighting import loss_weights
+from debias.errors import DebiasError
+from debias.models.factory import unet_kwargs_for
+from debias.models.unet import UNetModel
+from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
+from debias.train.logs import MetricLogs
+from debias.train.rundir import RunDir
+from debias.train.state import EMA, EpochSampler, cpu_state, make_generators
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the checkpoint it left, the step it reached and where it started."""
+
+    checkpoint: Path
+    step: int
+    start_step: int
+    loss: float | None          # the last logged mean loss (None if nothing was ever logged)
+    seconds: float
+    is_main_process: bool = True
+
+
+def _progress_bar(enabled: bool, total: int, start: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}"), console=console,
+                   disable=not (enabled and console.is_terminal))
+    task = bar.add_task("train", total=total, completed=start, status="")
+    return bar, task
+
+
+class Trainer:
+    """The state of one run: model, optimizer, EMA, generators and logs, plus one :meth:`step`."""
+
+    def __init__(self, cfg: Config, dataset: ImageDataset, unet_kwargs: dict, device: torch.device, ranks: Ranks,
+                 log_dir: Path):
+        self.cfg, self.device, self.ranks, self.unet_kwargs = cfg, device, ranks, unet_kwargs
+        tc = cfg.train
+        if tc.batch_size % ranks.world:
+            raise DebiasError(f"train.batch_size={tc.batch_size} is not divisible by the {ranks.world} processes")
+        self.micro = slice(ranks.rank * tc.batch_size // ranks.world, (ranks.rank + 1) * tc.batch_size // ranks.world)
+        small = dataset.images.element_size() * dataset.images.nelement() <= 2**31
+        data_device = device if small else torch.device("cpu")
+        self.images = dataset.images.to(data_device)
+        self.labels = dataset.labels.to(data_device) if cfg.data.class_cond else None
+        self.sampler = EpochSampler(len(dataset), tc.batch_size, cfg.seed, data_device)
+
+        torch.manual_seed(cfg.seed)
+        self.model = prepare_network(UNetModel(**unet_kwargs), device)
+        self.params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                           **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
+        self.autocast_dtype = autocast_dtype(tc.precision, device, fallback=True)
+        self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
+        self.ema = EMA(self.model, tc.ema_rates, tc.ema_warmup)
+        self.generators = make_generators(cfg.seed, device)
+
+        self.schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).to(device)
+        self.weights = loss_weights(cfg.weighting, self.schedule.snr, cfg.target, cfg.loss).to(device)
+        self.logs = MetricLogs(log_dir, self.schedule.num_timesteps, device, ranks)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)    # on-device copy of the step
+        self.forward = self._wrap_model()
+
+    def _wrap_model(self) -> Callable:
+        model: nn.Module = self.model
+        if self.ranks.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return compile_static(model) if self.cfg.train.compile else model
+
+    def lr_at(self, k: int) -> float:
+        """Linear warm-up over ``train.warmup_steps`` updates, then constant."""
+        tc = self.cfg.train
+        return tc.lr * min(1.0, (k + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+
+    def _batch(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """This rank's slice of global batch k: x0, noise (b, C, H, W), t (b,), labels (b,) or None."""
+        B = self.cfg.train.batch_size
+        idx = self.sampler.batch(k)[self.micro]
+        x0 = self.images[idx].to(self.device, non_blocking=True)
+        if self.cfg.data.random_flip:
+            flip = torch.rand(B, generator=self.generators["flip"], device=self.device)[self.micro] < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.generators["timesteps"],
+                          device=self.device)[self.micro]
+        noise = torch.randn((B, *x0.shape[1:]), generator=self.generators["noise"], device=self.device)[self.micro]
+        y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
+        return x0, noise, t, y
+
+    def step(self, k: int) -> None:
+        """Update k (0-based): one optimizer step on global batch k, then the EMAs. No host syncs."""
+        lr = self.lr_at(k)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x0, noise, t, y = self._batch(k)
+        xt = self.schedule.q_sample(x0, t, noise)
+        if self.device.type == "cuda":
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.forward(xt, t, y)
+        terms = diffusion_loss(self.schedule, out.float(), x0, noise, t, self.cfg.target, self.weights,
+                               self.cfg.model.learn_sigma)
+        loss = terms.loss.mean()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = torch.isfinite(loss)  # inf gradients are the scaler's business (it skips the step)
+        else:
+            self.optimizer.step()
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(k)
+        self.step_count += 1
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step_count, self.first_bad)
+        self.logs.accumulate(terms.loss.detach(), terms.mse.detach(), terms.vb.detach(), t, grad_norm.detach())
+
+    def first_bad_step(self) -> int | None:
+        """The first step with a non-finite loss on any rank, or None (a host sync)."""
+        bad = self.first_bad.clone()
+        if self.ranks.world > 1:
+            bad = torch.where(bad < 0, torch.iinfo(torch.int64).max, bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            bad = torch.where(bad == torch.iinfo(torch.int64).max, -1, bad)
+        value = int(bad.item())
+        return None if value < 0 else value
+
+    # ---- checkpoint state
+
+    def rng_state(self) -> dict[str, Tensor]:
+        state = {name: g.get_state() for name, g in self.generators.items()}
+        state["torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def checkpoint(self, step: int, log_state: dict | None = None) -> Checkpoint:
+        """The run at ``step``: weights and EMAs; with ``log_state`` (:meth:`MetricLogs.state`) also the
+        optimizer, RNG and log state needed to resume."""
+        ckpt = Checkpoint(config=self.cfg.to_dict(), unet_kwargs=self.unet_kwargs, model=cpu_state(self.model),
+                          ema=self.ema.state_dicts(self.model), step=step)
+        if log_state is not None:
+            epoch, position = self.sampler.position(step)
+            ckpt.optimizer = self.optimizer.state_dict()
+            ckpt.scaler = self.scaler.state_dict() if self.scaler is not None else None
+            ckpt.rng = self.rng_state()
+            ckpt.extra = {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position}
+        return ckpt
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.model.load_state_dict(ckpt.model)
+        self.ema.load(ckpt.ema)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.scaler is not None and ckpt.scaler:
+            self.scaler.load_state_dict(ckpt.scaler)
+        for name, g in self.generators.items():
+            g.set_state(ckpt.rng[name])
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in ckpt.rng:
+            torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
+        self.logs.load_state(ckpt.extra["logs"])
+        self.step_count.fill_(ckpt.step)
+
+    # ---- the loop
+
+    def fit(self, run: RunDir, start: int, end: int, progress: bool,
+            on_step: Callable[[int], None] | None = None) -> int:
+        """Steps ``start`` … ``end`` with logging, snapshots and checkpoints into ``run``; returns the last step."""
+        tc, main = self.cfg.train, self.ranks.main
+        snapshot_steps = set(tc.snapshot_steps)
+        bar, task = _progress_bar(progress and main, tc.steps, start)
+        timer, timed_steps, step = time.perf_counter(), 0, start
+        with bar:
+            for k in range(start, end):
+                self.step(k)
+                step, timed_steps = k + 1, timed_steps + 1
+                due_log = step % tc.log_every == 0 or step == tc.steps
+                due_snapshot = step in snapshot_steps
+                due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps
+                if due_log or due_snapshot or due_checkpoint:
+                    self._stop_if_non_finite(run)
+                if due_log:
+                    now = time.perf_counter()
+                    speed = timed_steps * tc.batch_size / (now - timer)
+                    self.logs.write_row(step, self.lr_at(k), speed, tc.batch_size)
+                    timer, timed_steps = now, 0
+                    bar.update(task, status=f"loss {self.logs.last_loss:.4f} · {speed:.0f} img/s")
+                if due_snapshot and main:
+                    save_checkpoint(run.snapshot(step), self.checkpoint(step))
+                if due_checkpoint:
+                    log_state = self.logs.state()  # collective: every rank takes part
+                    if main:
+                        save_checkpoint(run.checkpoint, self.checkpoint(step, log_state))
+                bar.update(task, completed=step)
+                if on_step is not None:
+                    on_step(step)
+        return step
+
+    def _stop_if_non_finite(self, run: RunDir) -> None:
+        bad = self.first_bad_step()
+        if bad is not None:
+            kept = f"last good checkpoint kept at {run.checkpoint}" if run.checkpoint.exists() else \
+                "no checkpoint was written"
+            raise DebiasError(f"non-finite loss at step {bad}; {kept}")
+
+
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None, on_step: Callable[[int], None] | None = None,
+          dataset: ImageDataset | None = None, log_dir: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` into ``out_dir``, continuing from ``out_dir/checkpoint.pt`` when ``resume``.
+
+    A finished run (checkpoint at ``train.steps``) returns at once. ``stop_after`` stops after that
+    global step as a kill would (tests); ``on_step(step)`` is called after every step; ``dataset``
+    replaces ``load_dataset(cfg.data)``; ``log_dir`` (default ``out_dir``) receives the TSV logs.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this and rank 0 writes the files.
+    Raises :class:`DebiasError` for bad input, a locked ``out_dir``, or a non-finite loss.
+    """
+    began = time.perf_counter()
+    run = RunDir(Path(out_dir), Path(log_dir or out_dir))
+    with processes(cfg.train.devices) as (ranks, device):
+        dataset = dataset if dataset is not None else load_dataset(cfg.data)
+        if cfg.data.class_cond and dataset.labels is None:
+            raise DebiasError(f"data.class_cond: dataset {cfg.data.name!r} has no class labels")
+        unet_kwargs = unet_kwargs_for(cfg, dataset.num_classes)
+        with run.locked(ranks):
+            ckpt = on_main(lambda: run.resume_point(cfg, unet_kwargs, len(dataset), resume), ranks)
+            start = ckpt.step if ckpt is not None else 0
+            if ckpt is not None and start == cfg.train.steps:
+                return TrainResult(run.checkpoint, start, start, ckpt.extra.get("logs", {}).get("last_loss"),
+                                   time.perf_counter() - began, ranks.main)
+            trainer = Trainer(cfg, dataset, unet_kwargs, device, ranks, run.log_dir)
+            if ckpt is not None:
+                trainer.restore(ckpt)
+            del ckpt
+            if ranks.main:
+                run.log_dir.mkdir(parents=True, exist_ok=True)
+                run.remove_leftovers(fresh=start == 0)
+                trainer.logs.start()
+                beyond = [s for s in cfg.train.snapshot_steps if s > cfg.train.steps]
+                if beyond:
+                    log.warning("note: train.snapshot_steps %s lie beyond train.steps=%d; no snapshot is kept there",
+                                ", ".join(map(str, beyond)), cfg.train.steps)
+            end = cfg.train.steps if stop_after is None else max(start, min(cfg.train.steps, stop_after))
+            step = trainer.fit(run, start, end, progress, on_step)
+    return TrainResult(run.checkpoint, step, start, trainer.logs.last_loss, time.perf_counter() - began, ranks.main)

@@ -1,0 +1,143 @@
+"""A training run's folder: where its files live, the lock, what to resume from, and the export.
+
+``out_dir/checkpoint.pt`` holds everything a resumed run needs; ``out_dir/snapshots/step_{k:07d}.pt``
+the weights kept at ``train.snapshot_steps``; ``log_dir`` (often the same folder) the TSV logs of
+:mod:`debias.train.logs`. Only rank 0 touches these files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from debias.config import Config
+from debias.errors import DebiasError
+from debias.io import atomic_write
+from debias.runtime import Ranks, on_main
+from debias.train.logs import TIMESTEP_LOG, TRAIN_LOG
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOT_DIR = "snapshots"
+# training-config keys that may change between a checkpoint and its resumption without changing the result
+RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_steps", "train.log_every",
+                     "train.devices", "train.num_workers", "train.compile", "data.path", "data.on_error"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_change(saved: dict, cfg: Config) -> str | None:
+    """The first training-relevant key whose value differs from a checkpoint's config, as 'key: old → new'."""
+    new = cfg.training_dict()
+    old, new = _flatten({k: saved.get(k) for k in new}), _flatten(new)
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one training run (see the module docstring)."""
+
+    out_dir: Path
+    log_dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def snapshot(self, step: int) -> Path:
+        return self.out_dir / SNAPSHOT_DIR / f"step_{step:07d}.pt"
+
+    @contextlib.contextmanager
+    def locked(self, ranks: Ranks) -> Iterator[None]:
+        """Hold an advisory lock on ``out_dir`` (rank 0), so two runs never write the same files; the
+        lock dies with its process. A held lock is one DebiasError line on every rank."""
+        lock = on_main(self._lock, ranks, share=False)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _lock(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform
+            return None
+        lock = open(self.out_dir / ".train.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DebiasError(f"another training run is writing to {self.out_dir}") from None
+        return lock
+
+    def resume_point(self, cfg: Config, unet_kwargs: dict, dataset_size: int, resume: bool) -> Checkpoint | None:
+        """The checkpoint to continue from, or None to start over (a checkpoint of another
+        configuration, model shape or dataset size is reported and not resumed)."""
+        path = self.checkpoint
+        if not resume or not path.exists():
+            return None
+        ckpt = load_checkpoint(path)
+        change = config_change(ckpt.config, cfg)
+        if change is None and ckpt.unet_kwargs != unet_kwargs:
+            change = "the model's shape"
+        if change is None and ckpt.extra.get("dataset_size") != dataset_size:
+            change = f"dataset size: {ckpt.extra.get('dataset_size')} → {dataset_size}"
+        if change is not None:
+            log.warning("warning: %s was trained with another configuration (%s); starting over", path, change)
+            return None
+        if ckpt.step > cfg.train.steps:
+            raise DebiasError(f"{path} is at step {ckpt.step}, beyond train.steps={cfg.train.steps}; "
+                              "raise train.steps or use --no-resume")
+        return ckpt
+
+    def remove_leftovers(self, fresh: bool) -> None:
+        """Temporary files of a killed writer; for a fresh run also the old checkpoint and snapshots."""
+        snapshots = self.out_dir / SNAPSHOT_DIR
+        for folder, name in ((self.out_dir, CHECKPOINT), (snapshots, "step_*"), (self.log_dir, TRAIN_LOG),
+                             (self.log_dir, TIMESTEP_LOG)):
+            for tmp in folder.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        if fresh:
+            self.checkpoint.unlink(missing_ok=True)
+            for old in snapshots.glob("step_*.pt"):
+                old.unlink()
+
+
+def export_model(checkpoint_dir: str | Path, model_path: str | Path, snapshots_dir: str | Path | None = None) -> None:
+    """Write the finished run's weights, EMAs and config (no optimizer or RNG state) to ``model_path``,
+    and copy its snapshots into ``snapshots_dir`` (replacing what was there)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    ckpt = load_checkpoint(checkpoint_dir / CHECKPOINT)
+    save_checkpoint(model_path, Checkpoint(config=ckpt.config, unet_kwargs=ckpt.unet_kwargs, model=ckpt.model,
+                                           ema=ckpt.ema, step=ckpt.step))
+    if snapshots_dir is not None:
+        snapshots_dir = Path(snapshots_dir)
+        snapshots_dir.mkdir(parents=True, exist_ok=True)
+        for old in snapshots_dir.glob("step_*.pt"):
+            old.unlink()
+        for snap in sorted((checkpoint_dir / SNAPSHOT_DIR).glob("step_*.pt")):
+            atomic_write(snapshots_dir / snap.name, lambda f, src=snap: _copy_into(src, f))
+
+
+def _copy_into(src: Path, dst) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, dst)
