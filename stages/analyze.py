@@ -6,7 +6,7 @@ from dataclasses import replace
 from debias.analysis import channel_means, write_bias_analysis, write_color_analysis, write_fid_vs_training
 from debias.config import Config
 from debias.images import to_uint8
-from debias.metrics.features import load_features
+from debias.metrics.features import load_reference
 from debias.models.factory import load_model
 from debias.pipeline import FIGURES, MODEL, PLOTS, REFERENCE_FEATURES, SNAPSHOTS, load_prepared, run_stage
 
@@ -23,7 +23,7 @@ def main(cfg: Config, args: list[str]) -> None:
                          tsv=PLOTS / "color_shift.tsv", png=FIGURES / "color_shift.png",
                          grid_png=FIGURES / "color_grid.png")
     fid = replace(s, steps=[a.fid_steps], num_samples=a.fid_samples, seed=a.seed)
-    write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_features(REFERENCE_FEATURES), a.fid_solver, fid,
+    write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_reference(REFERENCE_FEATURES), a.fid_solver, fid,
                           eval_options=dict(weights=e.inception_weights, batch_size=e.batch_size, device=e.device),
                           tsv=PLOTS / "fid_vs_train.tsv", png=FIGURES / "fid_vs_train.png")
 

@@ -19,7 +19,7 @@ from debias.config import SampleConfig
 from debias.errors import DebiasError
 from debias.figures import plot_lines, save_sample_rows
 from debias.io import write_tsv
-from debias.metrics.features import Features
+from debias.metrics.features import Features, FeatureStats
 from debias.metrics.scores import compute_metrics
 from debias.models.factory import DiffusionModel
 from debias.sampling import sample_checkpoint
@@ -146,7 +146,7 @@ def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: 
     return table
 
 
-def write_fid_vs_training(snapshots: Sequence[Path], reference: Features, solver: str, cfg: SampleConfig, *,
+def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | FeatureStats, solver: str, cfg: SampleConfig, *,
                           eval_options: dict, tsv: Path, png: Path) -> list[dict]:
     """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV + curve."""
     rows = []

@@ -111,18 +111,25 @@ def sample_command(
     checkpoint: Path = typer.Argument(..., help="A debias checkpoint (.pt)."),
     solver: str = typer.Option("ddim", "--solver", "-s", help="ddpm, ddim, dpmsolver, dpmsolver++ or unipc."),
     steps: int = typer.Option(SAMPLE.steps[0], "--steps", help="Model evaluations (at most the model's diffusion steps)."),
-    num_samples: int = typer.Option(SAMPLE.num_samples, "--num-samples", "-n", help="How many images."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help=f"How many images (default {SAMPLE.num_samples}, or the rows of --init-noise)."),
     seed: int = typer.Option(SAMPLE.seed, "--seed", help="Sample i depends only on (seed, i)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid or an .npz file (uint8 N×C×H×W)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="A folder of PNGs, one per sample."),
+    format: str = typer.Option("debias", "--format", help="For an .npz: debias (images, N×C×H×W) or adm (arr_0, N×H×W×C as guided-diffusion's batches)."),
+    float32: bool = typer.Option(False, "--float32", help="Write the unrounded float32 samples to the .npz (images), not uint8."),
+    init_noise: Optional[Path] = typer.Option(None, "--init-noise", help="An .npz with x_T, float N×C×H×W (sample i starts from row i)."),
     batch_size: int = typer.Option(SAMPLE.batch_size, "--batch-size", "-b", help="Images per model call (does not change the images)."),
     class_label: Optional[list[int]] = typer.Option(None, "--class-label", help="Class label(s), cycled over samples; default random per sample."),
-    spacing: str = typer.Option(SAMPLE.spacing, "--spacing", help="Timesteps: even (guided-diffusion), linspace, leading, trailing."),
+    preset: str = typer.Option(SAMPLE.preset, "--preset", help="none, or upstream: sample exactly as the paper's code (options below still override)."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="even, ddim, linspace, leading, trailing, time_uniform, logSNR, time_quadratic (default: the solver's own)."),
+    denoise_to_zero: Optional[bool] = typer.Option(None, "--denoise-to-zero/--no-denoise-to-zero", help=f"End at σ = 0, or at the grid's last noise level (default {SAMPLE.denoise_to_zero})."),
+    arithmetic: Optional[str] = typer.Option(None, "--arithmetic", help=f"debias, or upstream: the original's float arithmetic (default {SAMPLE.arithmetic})."),
     eta: Optional[float] = typer.Option(None, "--eta", help=f"DDIM η (default {SAMPLE.eta}: deterministic)."),
     order: Optional[int] = typer.Option(None, "--order", help=f"DPM-Solver / UniPC order (1-3, default {SAMPLE.order})."),
     variant: Optional[str] = typer.Option(None, "--variant", help=f"UniPC B(h): bh1 or bh2 (default {SAMPLE.unipc_variant})."),
+    lower_order_final: Optional[int] = typer.Option(None, "--lower-order-final", help=f"DPM-Solver: runs of fewer steps lower their final orders (default {SAMPLE.lower_order_final}; 0 never)."),
     ema: bool = typer.Option(SAMPLE.ema, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
-    clip: bool = typer.Option(SAMPLE.clip_x0, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help=f"Clip the predicted x0 to [-1, 1] at every step (default {SAMPLE.clip_x0})."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     precision: str = typer.Option(SAMPLE.precision, "--precision", help="fp32 (exact on CPU, TF32 matmuls on CUDA), bf16, or fp16 (CUDA): autocast for the network."),
     compile: bool = typer.Option(SAMPLE.compile, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
@@ -130,28 +137,44 @@ def sample_command(
     """Sample images from a checkpoint with any solver."""
     from dataclasses import replace
 
+    from debias.images import read_noise
     from debias.runtime import autocast_dtype, resolve_device
     from debias.sampling import sample_checkpoint
 
-    write = writer_for(out, out_dir)
-    options = {k: v for k, v in {"eta": eta, "order": order, "variant": variant}.items() if v is not None}
+    write = writer_for(out, out_dir, format, float32)
+    overrides = {k: v for k, v in dict(eta=eta, order=order, variant=variant, lower_order_final=lower_order_final,
+                                       spacing=spacing, denoise_to_zero=denoise_to_zero, arithmetic=arithmetic,
+                                       clip_x0=clip).items() if v is not None}
     autocast_dtype(precision, resolve_device(device))
-    cfg = replace(SAMPLE, steps=[steps], num_samples=num_samples, seed=seed, batch_size=batch_size, spacing=spacing,
-                  ema=ema, clip_x0=clip, precision=precision, compile=compile)
+    noise = read_noise(init_noise) if init_noise is not None else None
+    if noise is not None and num_samples is not None and num_samples > len(noise):
+        raise DebiasError(f"--init-noise {init_noise} has {len(noise)} rows, fewer than -n {num_samples}")
+    count = num_samples if num_samples is not None else len(noise) if noise is not None else SAMPLE.num_samples
+    cfg = replace(SAMPLE, preset=preset, steps=[steps], num_samples=count, seed=seed, batch_size=batch_size, ema=ema,
+                  precision=precision, compile=compile)
     with progress_bar(f"{solver} {steps} steps") as progress:
-        _, images = next(sample_checkpoint(checkpoint, solver, cfg, class_labels=class_label, device=device,
-                                           progress=progress, **options))
+        _, images = next(sample_checkpoint(checkpoint, solver, cfg, class_labels=class_label, init_noise=noise,
+                                           float32=float32, device=device, progress=progress, **overrides))
     path = write(images)
     typer.echo(f"{path}: {len(images)} samples ({solver}, {steps} steps, seed {seed})")
 
 
-def writer_for(out: Path | None, out_dir: Path | None) -> Callable[[torch.Tensor], Path]:
-    """Validate ``--out`` / ``--out-dir`` before any work and return ``write(images) -> path``: exactly one
-    of a ``.png`` grid or ``.npz`` file, and a folder of PNGs."""
-    from debias.images import check_output, save_images, save_png_folder
+def writer_for(out: Path | None, out_dir: Path | None, format: str = "debias",
+               float32: bool = False) -> Callable[[torch.Tensor], Path]:
+    """Validate ``--out`` / ``--out-dir`` / ``--format`` / ``--float32`` before any work and return
+    ``write(samples) -> path``: a ``.png`` grid, an ``.npz`` (debias or ADM layout, or float32), or a
+    folder of PNGs."""
+    from debias.images import check_output, save_adm_npz, save_float_npz, save_images, save_png_folder
 
     if (out is None) == (out_dir is None):
         raise DebiasError("give exactly one of --out (a .png grid or .npz file) and --out-dir (a folder of PNGs)")
+    if format not in ("debias", "adm"):
+        raise DebiasError(f"--format {format!r}: choose debias or adm")
+    npz = out is not None and out.suffix.lower() == ".npz"
+    if (float32 or format == "adm") and not npz:
+        raise DebiasError(f"--{'float32' if float32 else 'format adm'} needs an .npz output (--out x.npz)")
+    if float32 and format == "adm":
+        raise DebiasError("--float32 and --format adm do not combine: ADM batches are uint8")
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise DebiasError(f"--out-dir {out_dir} exists and is not a folder")
@@ -165,9 +188,10 @@ def writer_for(out: Path | None, out_dir: Path | None) -> Callable[[torch.Tensor
         path = check_output(out)
     except DebiasError as err:
         raise DebiasError(f"--out {err}") from None
+    save = save_float_npz if float32 else save_adm_npz if format == "adm" else save_images
 
-    def write_file(images: torch.Tensor) -> Path:
-        save_images(images, path)
+    def write_file(samples: torch.Tensor) -> Path:
+        save(samples, path)
         return path
 
     return write_file

@@ -20,11 +20,12 @@ from pathlib import Path
 from debias.data import DATASETS
 from debias.diffusion.schedule import SCHEDULES
 from debias.diffusion.targets import TARGETS
-from debias.diffusion.weighting import WEIGHTINGS, WeightingParams
+from debias.diffusion.weighting import WEIGHT_SPACES, WEIGHTINGS, WeightingParams
 from debias.metrics.scores import METRICS
 from debias.runtime import DEVICES, PRECISIONS
-from debias.samplers import OPTIONS, SOLVERS, option_problem
-from debias.samplers.timesteps import SPACINGS
+from debias.samplers import ARITHMETIC, OPTIONS, SOLVERS, option_problem
+from debias.samplers.grid import SPACINGS
+from debias.samplers.presets import PRESETS
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
@@ -142,11 +143,15 @@ class SampleConfig:
     num_samples: int = 128
     batch_size: int = 128
     seed: int = 0
+    preset: str = "none"             # upstream: every setting below as the paper's code (samplers/presets.py)
     clip_x0: bool = True
-    spacing: str = "even"
+    spacing: str = "auto"            # auto: each solver's measured best (samplers/__init__.py), or a spacing name
+    denoise_to_zero: bool = True     # end at σ = 0 (the last call's x̂0), else at the grid's last noise level
+    arithmetic: str = "debias"       # upstream: the original's float arithmetic (samplers/__init__.py, slower)
     eta: float = OPTIONS["eta"].default              # DDIM η
     order: int = OPTIONS["order"].default            # DPM-Solver / UniPC order
     unipc_variant: str = OPTIONS["variant"].default  # UniPC B(h): bh1 or bh2
+    lower_order_final: int = OPTIONS["lower_order_final"].default  # DPM-Solver: runs of fewer steps lower their last orders
     ema: bool = True                 # sample the first EMA's weights
     precision: str = "fp32"          # fp32 (TF32 matmuls on CUDA) | bf16 | fp16 (CUDA): autocast
     compile: bool = False
@@ -160,8 +165,11 @@ class SampleConfig:
         require(self.num_samples >= 1, "sample.num_samples", "must be >= 1")
         require(self.batch_size >= 1, "sample.batch_size", "must be >= 1")
         require(self.seed >= 0, "sample.seed", "must be >= 0")
-        one_of(self.spacing, SPACINGS, "sample.spacing")
-        for option, key in (("eta", "eta"), ("order", "order"), ("variant", "unipc_variant")):
+        one_of(self.preset, PRESETS, "sample.preset")
+        one_of(self.spacing, ("auto", *SPACINGS), "sample.spacing")
+        one_of(self.arithmetic, ARITHMETIC, "sample.arithmetic")
+        for option, key in (("eta", "eta"), ("order", "order"), ("variant", "unipc_variant"),
+                            ("lower_order_final", "lower_order_final")):
             problem = option_problem(option, getattr(self, key))
             require(problem is None, f"sample.{key}", str(problem))
         one_of(self.precision, PRECISIONS, "sample.precision")
@@ -169,11 +177,12 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """FID / KID / precision-recall."""
+    """FID / sFID / KID / precision-recall (and the Inception Score when the weights have logits)."""
 
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr"])
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "kid", "pr"])
     inception_weights: str | None = None
-    reference_images: int | None = 400    # FID reference: a fixed random subset of the training set (null = all)
+    reference: str | None = None          # FID reference: null = the training set, or images/an ADM reference batch
+    reference_images: int | None = 400    # use a fixed random subset of N reference images (null = all)
     kid_subset_size: int = 100
     pr_k: int = 3
     batch_size: int = 64
@@ -240,6 +249,7 @@ class Config:
         require(self.loss.p2_gamma >= 0, "loss.p2_gamma", "must be >= 0")
         require(self.loss.min_snr_gamma > 0, "loss.min_snr_gamma", "must be > 0")
         require(self.loss.edm_sigma_data > 0, "loss.edm_sigma_data", "must be > 0")
+        one_of(self.loss.weight_space, WEIGHT_SPACES, "loss.weight_space")
         require("kid" not in self.eval.metrics or self.eval.kid_subset_size <= self.sample.num_samples,
                  "eval.kid_subset_size", f"must be <= sample.num_samples={self.sample.num_samples} (KID draws subsets of the samples)")
 

@@ -146,19 +146,27 @@ def read_folder(folder: Path) -> Tensor:
 
 
 def read_npz(path: Path) -> Tensor:
-    """The uint8 (N, C, H, W) ``images`` array of an ``.npz`` file (never unpickling anything)."""
+    """The uint8 images (N, C, H, W) of an ``.npz`` file (never unpickling anything): its ``images``
+    (N, C, H, W), or the ``arr_0`` (N, H, W, C) of guided-diffusion's sample and reference batches."""
     if not Path(path).is_file():
         raise DebiasError(f"no such file: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "images" not in data.files:
-                raise DebiasError(f"{path} has no 'images' array (found: {', '.join(data.files) or 'nothing'})")
-            arr = data["images"]
+            if "images" in data.files:
+                arr = data["images"]
+            elif "arr_0" in data.files:
+                arr = data["arr_0"]
+                if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+                    raise DebiasError(f"{path}: arr_0 must be an ADM batch N x H x W x C with C = 1 or 3, "
+                                      f"got shape {arr.shape}")
+                arr = arr.transpose(0, 3, 1, 2)
+            else:
+                raise DebiasError(f"{path} has no 'images' or 'arr_0' array (found: {', '.join(data.files) or 'nothing'})")
     except DebiasError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DebiasError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
-    return checked_images(arr, str(path))
+    return checked_images(np.ascontiguousarray(arr), str(path))
 
 
 def load_images(source: ImageSource) -> Tensor:
@@ -213,6 +221,38 @@ def save_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
     """Save uint8 (N, C, H, W) images as ``images`` in an .npz file, atomically."""
     arr = checked_images(images).numpy()
     atomic_write(path, lambda f: np.savez(f, images=arr))
+
+
+def save_adm_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
+    """Save uint8 (N, C, H, W) images as guided-diffusion's sample batches do: ``arr_0`` uint8 (N, H, W, C)."""
+    arr = checked_images(images).numpy().transpose(0, 2, 3, 1)
+    atomic_write(path, lambda f: np.savez(f, arr_0=arr))
+
+
+def save_float_npz(samples: Tensor, path: str | Path) -> None:
+    """Save unrounded float32 samples (N, C, H, W) as ``images`` in an .npz file, atomically."""
+    arr = samples.detach().cpu().float().numpy()
+    atomic_write(path, lambda f: np.savez(f, images=arr))
+
+
+def read_noise(path: str | Path) -> Tensor:
+    """The float32 array (N, C, H, W) of an ``.npz`` file: its only array, or the one named ``noise``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DebiasError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = data.files
+            if len(names) != 1 and "noise" not in names:
+                raise DebiasError(f"{path} must hold one array or one named 'noise' (found: {', '.join(names) or 'nothing'})")
+            arr = data["noise" if "noise" in names else names[0]]
+    except DebiasError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DebiasError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
+    if arr.dtype.kind != "f" or arr.ndim != 4:
+        raise DebiasError(f"{path}: the noise must be a float array N x C x H x W, got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 def check_output(path: str | Path) -> Path:

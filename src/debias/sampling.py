@@ -8,6 +8,7 @@ the batch size and however many processes share the work.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from debias.errors import DebiasError
 from debias.images import to_uint8
 from debias.models.factory import DiffusionModel, load_model
 from debias.runtime import autocast_dtype, gather_shards, inference_network, prepare_network, resolve_device, shard_bounds
-from debias.samplers import get_solver, sample, solver_options
+from debias.samplers import arithmetic_of, get_solver, sample, solver_grid, solver_options
 from debias.samplers.denoiser import Denoiser
 from debias.samplers.noise import SampleNoise, sample_labels
-from debias.samplers.timesteps import select_timesteps
+from debias.samplers.presets import preset_settings
+
+log = logging.getLogger(__name__)
 
 
 def labels_for(indices: Sequence[int], seed: int, num_classes: int | None,
@@ -44,75 +47,115 @@ def labels_for(indices: Sequence[int], seed: int, num_classes: int | None,
 
 def generate(model: DiffusionModel, solver: str, steps: int, num_samples: int, seed: int, batch_size: int, *,
              indices: Sequence[int] | None = None, class_labels: Sequence[int] | None = None, clip_x0: bool = True,
-             spacing: str = "even", device: str | torch.device = "cpu",
+             spacing: str | None = None, denoise_to_zero: bool = True, arithmetic: str = "debias",
+             init_noise: Tensor | None = None, float32: bool = False, device: str | torch.device = "cpu",
              progress: Callable[[int, int], None] | None = None, **options) -> Tensor:
-    """Sample images with ``solver``; returns uint8 (N, C, H, W) on the CPU, in the order of ``indices``.
+    """Sample images with ``solver``; returns uint8 (N, C, H, W) on the CPU, in the order of ``indices``
+    (with ``float32``: the solver's final x as float32, before clamping and rounding).
 
     ``model.network`` (on ``device``) is called as ``network(x, t, y)``; ``indices`` are the sample
-    indices to make (default ``range(num_samples)``). Labels: given ``class_labels`` are cycled over
-    sample indices, else drawn per sample for a class-conditional model. ``progress(done, total)``
-    counts network evaluations of this process over all its batches. ``options`` are the solver's
-    (see :data:`debias.samplers.SOLVERS`). Under ``torch.distributed`` every rank samples a contiguous
-    shard and the result is gathered, equal to a single process's.
+    indices to make (default ``range(num_samples)``). The grid: ``spacing`` (None: the solver's
+    default) and ``denoise_to_zero`` (:func:`debias.samplers.grid.make_grid`); ``arithmetic``: see
+    :func:`debias.samplers.arithmetic_of` (the attention arithmetic is the network's); ``options`` are the
+    solver's (:data:`debias.samplers.SOLVERS`). ``init_noise`` (M, C, H, W), if given, is x_T of sample i
+    at row i (instead of its own first draw). Labels: given ``class_labels`` are cycled over sample
+    indices, else drawn per sample for a class-conditional model. ``progress(done, total)`` counts network
+    evaluations of this process over all its batches. Under ``torch.distributed`` every rank samples a
+    contiguous shard and the result is gathered, equal to a single process's.
     """
     indices = [int(i) for i in (range(num_samples) if indices is None else indices)]
     if batch_size < 1:
         raise DebiasError(f"batch size must be >= 1, got {batch_size}")
     solver_options(solver, options)
     labels_for([], seed, model.num_classes, class_labels)  # validate on every rank before any work
+    check_init_noise(init_noise, indices, model.image_shape)
+    tables, formulas = arithmetic_of(solver, arithmetic)
     device = torch.device(device)
     start, stop = shard_bounds(len(indices))
     local = indices[start:stop]
     batches = [local[i:i + batch_size] for i in range(0, len(local), batch_size)]
     total = len(batches) * steps
-    images = []
+    samples = []
     for b, batch in enumerate(batches):
         noise = SampleNoise(seed, batch, model.image_shape, device)
+        x_T = noise.draw()
+        if init_noise is not None:
+            x_T = init_noise[batch].to(device=device, dtype=x_T.dtype)
         labels = labels_for(batch, seed, model.num_classes, class_labels)
         denoiser = Denoiser(model.network, model.schedule, model.target, model.learn_sigma, clip_x0,
-                            None if labels is None else labels.to(device))
+                            None if labels is None else labels.to(device), formulas)
         report = None if progress is None else (lambda done, _n, b=b: progress(b * steps + done, total))
-        x0 = sample(solver, denoiser, noise.draw(), steps, spacing=spacing, noise=noise, progress=report, **options)
-        images.append(to_uint8(x0))
-    local_images = torch.cat(images) if images else torch.zeros((0, *model.image_shape), dtype=torch.uint8,
-                                                                  device=device)
-    return gather_shards(local_images, len(indices), device)
+        x = sample(solver, denoiser, x_T, steps, spacing=spacing, denoise_to_zero=denoise_to_zero, tables=tables,
+                   noise=noise, progress=report, **options)
+        samples.append(x.float() if float32 else to_uint8(x))
+    dtype = torch.float32 if float32 else torch.uint8
+    local_samples = torch.cat(samples) if samples else torch.zeros((0, *model.image_shape), dtype=dtype, device=device)
+    return gather_shards(local_samples, len(indices), device)
 
 
-def options_of(solver: str, cfg: SampleConfig) -> dict:
-    """The options ``solver`` takes, from the sample params: DDIM's η, the order, UniPC's variant."""
-    values = {"eta": cfg.eta, "order": cfg.order, "variant": cfg.unipc_variant}
-    return {key: values[key] for key in get_solver(solver).options}
+def check_init_noise(init_noise: Tensor | None, indices: Sequence[int], image_shape: Sequence[int]) -> None:
+    """DebiasError unless ``init_noise`` is None or a finite float tensor (M, C, H, W) with a row per index."""
+    if init_noise is None:
+        return
+    if not init_noise.is_floating_point() or tuple(init_noise.shape[1:]) != tuple(image_shape) or init_noise.ndim != 4:
+        raise DebiasError(f"the initial noise must be floats N x {' x '.join(map(str, image_shape))}, "
+                          f"got {init_noise.dtype} {tuple(init_noise.shape)}")
+    if indices and max(indices) >= len(init_noise):
+        raise DebiasError(f"the initial noise has {len(init_noise)} rows but sample {max(indices)} was asked for")
+    if not bool(torch.isfinite(init_noise).all()):
+        raise DebiasError("the initial noise holds NaN or infinite values")
+
+
+def settings_for(solver: str, cfg: SampleConfig, overrides: dict) -> tuple[dict, dict]:
+    """(grid, clipping and arithmetic settings, solver options) for ``solver``: the sample params, replaced
+    by the preset's (``cfg.preset``), replaced by ``overrides``; every option validated."""
+    values = {"eta": cfg.eta, "order": cfg.order, "variant": cfg.unipc_variant,
+              "lower_order_final": cfg.lower_order_final}
+    settings = {"clip_x0": cfg.clip_x0, "spacing": None if cfg.spacing == "auto" else cfg.spacing,
+                "denoise_to_zero": cfg.denoise_to_zero, "arithmetic": cfg.arithmetic,
+                **{key: values[key] for key in get_solver(solver).options}}
+    settings.update(preset_settings(cfg.preset, solver))
+    settings.update(overrides)
+    grid = {key: settings.pop(key) for key in ("clip_x0", "spacing", "denoise_to_zero", "arithmetic")}
+    arithmetic_of(solver, grid["arithmetic"])
+    return grid, solver_options(solver, settings)
 
 
 def sample_checkpoint(path: str | Path, solver: str, cfg: SampleConfig, *, class_labels: Sequence[int] | None = None,
-                      device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                      **options) -> Iterator[tuple[int, Tensor]]:
-    """(step count, uint8 (N, C, H, W) samples) for each of ``cfg.steps``, with the same seeds, from one
-    load (and one compilation) of a checkpoint's model.
+                      init_noise: Tensor | None = None, float32: bool = False, device: str = "cpu",
+                      progress: Callable[[int, int], None] | None = None,
+                      **overrides) -> Iterator[tuple[int, Tensor]]:
+    """(step count, samples (N, C, H, W)) for each of ``cfg.steps``, with the same seeds, from one load
+    (and one compilation) of a checkpoint's model: uint8, or with ``float32`` the unrounded samples.
 
-    Everything else comes from the sample params ``cfg``: ``num_samples``, ``seed``, ``batch_size``,
-    ``clip_x0``, ``spacing``, ``ema``, ``precision``, ``compile``, and the solver's options
-    (:func:`options_of`), which ``options`` override. Every problem a user can fix (unknown solver or
-    option, too many steps, bad labels, a missing, corrupt or wrong-shape checkpoint) is a
-    :class:`DebiasError`, raised before any sampling; the generator then yields step count by step count.
+    Everything else comes from the sample params ``cfg`` — ``num_samples``, ``seed``, ``batch_size``,
+    ``ema``, ``precision``, ``compile`` and the grid and solver settings (:func:`settings_for`), which
+    ``overrides`` replace. Every problem a user can fix (unknown solver or option, too many steps, bad
+    labels or initial noise, a missing, corrupt or wrong-shape checkpoint) is a :class:`DebiasError`,
+    raised before any sampling; the generator then yields step count by step count.
     """
-    options = solver_options(solver, {**options_of(solver, cfg), **options})
+    settings, options = settings_for(solver, cfg, overrides)
     device = resolve_device(device)
     model = load_model(path, ema=cfg.ema)
     for n in cfg.steps:
-        select_timesteps(model.schedule.num_timesteps, n, cfg.spacing, multistep=get_solver(solver).multistep)
+        solver_grid(solver, model.schedule, n, settings["spacing"], denoise_to_zero=settings["denoise_to_zero"],
+                    tables=arithmetic_of(solver, settings["arithmetic"])[0])
     labels_for([], cfg.seed, model.num_classes, class_labels)
+    check_init_noise(init_noise, range(cfg.num_samples), model.image_shape)
     autocast_dtype(cfg.precision, device)
+    schedule = f"{model.config.get('diffusion', {}).get('schedule')} schedule of {model.schedule.num_timesteps} steps"
+    if cfg.preset == "upstream" and (model.target, schedule) != ("eps", "linear schedule of 1000 steps"):
+        log.warning("note: the original code treats every model as an ε-predictor on the linear schedule of "
+                    "1000 steps; this %s-model on the %s is sampled with its own target and schedule",
+                    model.target, schedule)
+    model.network.set_attention("einsum" if settings["arithmetic"] == "upstream" else "sdpa")
     network = prepare_network(model.network, device)
     model = dataclasses.replace(model, network=inference_network(network, device, compile=cfg.compile,
                                                                  precision=cfg.precision))
-    return _each_steps(model, solver, cfg, class_labels, device, progress, options)
+    return _each_steps(model, solver, cfg, dict(class_labels=class_labels, init_noise=init_noise, float32=float32,
+                                                device=device, progress=progress, **settings, **options))
 
 
-def _each_steps(model: DiffusionModel, solver: str, cfg: SampleConfig, class_labels: Sequence[int] | None,
-                device: torch.device, progress: Callable[[int, int], None] | None,
-                options: dict) -> Iterator[tuple[int, Tensor]]:
+def _each_steps(model: DiffusionModel, solver: str, cfg: SampleConfig, kwargs: dict) -> Iterator[tuple[int, Tensor]]:
     for n in cfg.steps:
-        yield n, generate(model, solver, n, cfg.num_samples, cfg.seed, cfg.batch_size, class_labels=class_labels,
-                          clip_x0=cfg.clip_x0, spacing=cfg.spacing, device=device, progress=progress, **options)
+        yield n, generate(model, solver, n, cfg.num_samples, cfg.seed, cfg.batch_size, **kwargs)

@@ -1,7 +1,9 @@
-"""Resolve what a user names as images: an .npz, an image folder, a features file or a built-in dataset."""
+"""Resolve what a user names as images: an .npz (images, an ADM batch, features or statistics), an image
+folder or a built-in dataset."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,31 +13,38 @@ from debias.config import DataConfig
 from debias.data import DATASETS, load_dataset
 from debias.errors import DebiasError
 from debias.images import load_images, to_uint8
-from debias.metrics.features import Features, load_features
+from debias.metrics.features import Features, FeatureStats, load_features
 
 BUILTIN_SHAPES = {"digits": (1, 8), "twemoji": (3, 32)}  # (channels, image size) when nothing else says
 
 
-def _is_features_file(path: Path) -> bool:
+def _npz_arrays(path: Path) -> set[str]:
+    """The array names of an ``.npz`` file (empty if it cannot be read as one)."""
     try:
-        with np.load(path) as data:
-            return "features" in data.files
-    except (OSError, ValueError):
-        return False
+        with np.load(path, allow_pickle=False) as data:
+            return set(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return set()
 
 
-def image_source(spec: str, like: torch.Tensor | Features | None = None,
-                 shape: tuple[int, int] | None = None, max_images: int | None = None) -> torch.Tensor | Features:
-    """uint8 images (N, C, H, W) or precomputed :class:`Features` for ``spec``.
+def image_source(spec: str, like: torch.Tensor | Features | None = None, shape: tuple[int, int] | None = None,
+                 max_images: int | None = None) -> torch.Tensor | Features | FeatureStats:
+    """uint8 images (N, C, H, W), precomputed :class:`Features`, or FID statistics for ``spec``.
 
-    A built-in dataset (``digits``, ``twemoji``) is rendered at ``shape`` = (channels, size), else at
-    the shape of ``like`` (the other side of a comparison), else at its natural shape; ``max_images``
-    keeps the first N images of a dataset, file or folder.
+    An ``.npz`` may hold images (``images``, or an ADM batch's ``arr_0``), features (``features``, as
+    the prepare stage writes) or only statistics (an ADM reference batch's ``mu``/``sigma``, optionally
+    ``mu_s``/``sigma_s``); images win over statistics, so that every metric can be computed with one
+    Inception on both sides. A built-in dataset (``digits``, ``twemoji``) is rendered at ``shape`` =
+    (channels, size), else at the shape of ``like`` (the other side of a comparison), else at its
+    natural shape; ``max_images`` keeps the first N images of a dataset, file or folder.
     """
     path = Path(spec)
     if path.exists():
-        if path.suffix == ".npz" and _is_features_file(path):
+        arrays = _npz_arrays(path) if path.suffix == ".npz" else set()
+        if "features" in arrays:
             return load_features(path)
+        if "mu" in arrays and not {"images", "arr_0"} & arrays:
+            return FeatureStats.load(path)
         return load_images(path)[:max_images]
     if spec in DATASETS and spec != "folder":
         if shape is None and isinstance(like, torch.Tensor):

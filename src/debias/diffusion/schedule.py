@@ -73,7 +73,8 @@ class Schedule:
     """A (possibly respaced) discrete diffusion chain with all derived tables, float64 (T,).
 
     ``timestep_map[i]`` is the original timestep that chain index ``i`` stands for; it is what the
-    network is conditioned on (identity for a full chain).
+    network is conditioned on (identity for a full chain; int64, or float64 for a chain over fractional
+    timesteps).
     """
 
     def __init__(self, betas: Tensor, timestep_map: Tensor | None = None):
@@ -82,7 +83,9 @@ class Schedule:
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
         self.betas = betas
         self.num_timesteps = len(betas)
-        self.timestep_map = (torch.arange(len(betas)) if timestep_map is None else timestep_map).to(torch.int64)
+        self.timestep_map = torch.arange(len(betas)) if timestep_map is None else timestep_map
+        if not self.timestep_map.is_floating_point():
+            self.timestep_map = self.timestep_map.to(torch.int64)
         ac = torch.cumprod(1.0 - betas, dim=0)
         self.alphas_cumprod = ac
         self.alphas_cumprod_prev = torch.cat([ac.new_ones(1), ac[:-1]])
@@ -108,9 +111,14 @@ class Schedule:
         kept = sorted(set(int(k) for k in use_timesteps))
         if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}]")
-        ac = self.alphas_cumprod[kept]
+        return Schedule.from_alphas_cumprod(self.alphas_cumprod[kept], self.timestep_map[kept])
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, timestep_map: Tensor) -> "Schedule":
+        """The chain with the given ᾱ (T,), decreasing, at the given timesteps: β_i = 1 - ᾱ_i/ᾱ_{i-1}, ᾱ_{-1} = 1."""
+        ac = alphas_cumprod.to(torch.float64)
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
-        return Schedule(1.0 - ac / prev, self.timestep_map[kept])
+        return cls(1.0 - ac / prev, timestep_map)
 
     def to(self, device: torch.device | str) -> "Schedule":
         """A copy with every table on ``device``, so that gathering for a batch there never copies (or syncs)."""
@@ -120,9 +128,10 @@ class Schedule:
                 setattr(moved, name, value.to(device))
         return moved
 
-    def gather(self, table: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        """``table[t]`` cast to x's dtype/device and shaped (B, 1, ..., 1) to broadcast against x (B, ...)."""
-        values = table.to(t.device)[t].to(dtype=x.dtype, device=x.device)
+    def gather(self, table: Tensor, t: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``table[t]`` cast to x's dtype (or ``dtype``), on x's device, shaped (B, 1, ..., 1) to broadcast
+        against x (B, ...)."""
+        values = table.to(t.device)[t].to(dtype=dtype or x.dtype, device=x.device)
         return values.reshape(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ Since α² + σ² = 1:  x0 = α x_t − σ v,  ε = σ x_t + α v,  x0 = (x_t �
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 TARGETS = ("eps", "x0", "v")
@@ -51,6 +52,35 @@ def target_from(target: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tens
         return alpha * eps - sigma * x0
     raise ValueError(f"unknown target {target!r}")
 
+
+
+def predictions(target: str, pred: Tensor, xt: Tensor, alpha: Tensor | float, sigma: Tensor | float,
+                clip_x0: bool) -> tuple[Tensor, Tensor]:
+    """:func:`x0_and_eps` in guided-diffusion's sampling arithmetic: the coefficients 1/α = √(1/ᾱ),
+    σ/α = √(1/ᾱ − 1), α and σ worked out in float64 (``alpha``, ``sigma``: float64, broadcasting against
+    x_t, or numbers), then applied in x_t's dtype —
+
+        x̂0 = (1/α) x_t − (σ/α) ε̂   (ε),   x̂0 = α x_t − σ v   (v),
+        ε̂ = ((1/α) x_t − x̂0) / (σ/α)   (re-derived after clamping x̂0 to [-1, 1], or for x0/v).
+
+    Less accurate than :func:`x0_and_eps` where ᾱ is tiny (the two coefficients nearly cancel); used
+    to repeat the original's samples bit for bit.
+    """
+    alpha = torch.as_tensor(alpha, dtype=torch.float64, device=xt.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=xt.device)
+    recip, recipm1 = (1.0 / alpha).to(xt.dtype), (sigma / alpha).to(xt.dtype)
+    if target == "eps":
+        x0 = recip * xt - recipm1 * pred
+    elif target == "x0":
+        x0 = pred
+    elif target == "v":
+        x0 = alpha.to(xt.dtype) * xt - sigma.to(xt.dtype) * pred
+    else:
+        raise ValueError(f"unknown target {target!r}")
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    eps = pred if (target == "eps" and not clip_x0) else (recip * xt - x0) / recipm1
+    return x0, eps
 
 
 def x0_and_eps(target: str, pred: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor,

@@ -8,6 +8,10 @@ predicts another target is trained on the same objective expressed in its own sp
 
 ``constant`` is the one exception: unit weight on the chosen target's own MSE (the "simple" loss
 of DDPM for ε, and the plain x0-/v-MSE baselines of the paper).
+
+``weight_space: target`` repeats the original code literally instead: it multiplies the chosen
+target's own MSE by w(SNR) unchanged, which in ε-space is the weight w/SNR for x0 and
+w·(1 + SNR)/SNR for v (the same as ``eps`` for an ε-model).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class WeightingParams:
     sigmoid_bias: float = 0.0    # b of the sigmoid weighting (tune per dataset)
     edm_sigma_data: float = 0.5  # σ_data of EDM
     normalize: bool = False      # rescale the applied weight to mean 1 over t
+    weight_space: str = "eps"    # eps: w on the ε-MSE (carried into the target's space) | target: w on the target's MSE
 
 
 def constant(snr: Tensor, p: WeightingParams) -> Tensor:
@@ -86,6 +91,9 @@ WEIGHTINGS: dict[str, Callable[[Tensor, WeightingParams], Tensor]] = {
 }
 
 
+WEIGHT_SPACES = ("eps", "target")
+
+
 def check_weighting(name: str) -> str:
     """Return ``name`` if it is a known weighting, else raise ValueError naming the allowed values."""
     if name not in WEIGHTINGS:
@@ -99,10 +107,11 @@ def eps_weight(name: str, snr: Tensor, params: WeightingParams = WeightingParams
 
 
 def target_weight(name: str, snr: Tensor, target: str, params: WeightingParams = WeightingParams()) -> Tensor:
-    """The weight applied to the MSE of ``target`` so the objective equals w(SNR)·‖ε − ε̂‖²."""
+    """The weight applied to the MSE of ``target``: the one that makes the objective w(SNR)·‖ε − ε̂‖², or
+    w(SNR) itself with ``params.weight_space == "target"`` (the original's literal weighting)."""
     check_target(target)
     w = eps_weight(name, snr, params)
-    if name == "constant" or target == "eps":
+    if name == "constant" or target == "eps" or params.weight_space == "target":
         return w
     if target == "x0":
         return w * snr

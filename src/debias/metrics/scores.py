@@ -1,7 +1,10 @@
-"""FID, KID, precision/recall (and Inception Score) through torch-fidelity, fully offline.
+"""FID, sFID, KID, precision/recall (and Inception Score) through torch-fidelity, fully offline.
 
-Every metric works on the 2048-d pool features of the FID Inception (:mod:`debias.metrics.inception`),
-extracted once per image set (:mod:`debias.metrics.features`); statistics are float64.
+Every metric works on Inception features of the FID Inception (:mod:`debias.metrics.inception`),
+extracted once per image set (:mod:`debias.metrics.features`): the 2048-d pool features for FID, KID
+and precision/recall, the ADM evaluator's spatial features for sFID (Nash et al. 2021: the Fréchet
+distance of the first 7 channels of ``mixed_6/conv``), the logits for the Inception Score. Statistics
+are float64. A reference may be images, a features file, or FID statistics (an ADM reference batch's).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from torch import Tensor
@@ -17,9 +20,10 @@ from torch import Tensor
 from debias.errors import DebiasError
 from debias.images import ImageSource, load_images
 from debias.metrics.features import Features, FeatureStats, Progress, extract
-from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, InceptionWeights, resolve_inception_weights
+from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, SPATIAL_DIM, InceptionWeights, resolve_inception_weights
 
-METRICS = ("fid", "kid", "pr", "isc")
+METRICS = ("fid", "sfid", "kid", "pr", "isc")
+Source = Union[Tensor, Features, FeatureStats]
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -45,12 +49,41 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def _check_request(metrics: Sequence[str], n_gen: int, n_ref: int, kid_subset_size: int, pr_k: int) -> None:
+def _count(source: Source) -> int | None:
+    """The number of images behind a source (None for statistics)."""
+    if isinstance(source, FeatureStats):
+        return None
+    return len(source.values) if isinstance(source, Features) else len(source)
+
+
+def _check_request(metrics: Sequence[str], gen: Source, ref: Source, weights: InceptionWeights, kid_subset_size: int,
+                   pr_k: int) -> None:
+    """One-line errors for a request the sources cannot serve."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise DebiasError(f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    smaller = min(n_gen, n_ref)
-    if "fid" in metrics and smaller < 2:
+    if isinstance(gen, FeatureStats):
+        raise DebiasError("the generated side must be images or a features file, not FID statistics")
+    if isinstance(ref, FeatureStats):
+        needs_features = [m for m in metrics if m in ("kid", "pr")]
+        if needs_features:
+            raise DebiasError(f"{', '.join(needs_features)} need reference images or features; {ref.source} holds "
+                              "only FID statistics (use -m fid / -m sfid)")
+        if "sfid" in metrics and ref.mu_s is None:
+            raise DebiasError(f"sFID needs spatial statistics mu_s/sigma_s, which {ref.source} lacks")
+    for name, source in (("generated", gen), ("reference", ref)):
+        if "sfid" in metrics and isinstance(source, Features) and source.spatial is None:
+            raise DebiasError(f"sFID needs spatial features, which the {name} features file lacks; recompute it "
+                              "(dvc repro prepare) or drop sfid")
+    if "isc" in metrics and not weights.has_logits:
+        raise DebiasError(
+            f"Inception Score needs Inception weights with the fc layer; the {weights.source} weights lack it"
+        )
+    if "isc" in metrics and isinstance(gen, Features):
+        raise DebiasError("Inception Score needs the generated images, not precomputed features")
+    n_gen, n_ref = _count(gen), _count(ref)
+    smaller = min(n_gen, n_ref if n_ref is not None else n_gen)
+    if {"fid", "sfid"} & set(metrics) and smaller < 2:
         raise DebiasError(f"FID needs at least 2 images per set, got {n_gen} generated and {n_ref} reference")
     if "kid" in metrics and kid_subset_size > smaller:
         raise DebiasError(
@@ -64,23 +97,32 @@ def _check_request(metrics: Sequence[str], n_gen: int, n_ref: int, kid_subset_si
         )
 
 
-def _count(source: Tensor | Features) -> int:
-    return len(source.values) if isinstance(source, Features) else len(source)
-
-
-def _image_shape(source: Tensor | Features) -> tuple[int, ...] | None:
+def _image_shape(source: Source) -> tuple[int, ...] | None:
+    if isinstance(source, FeatureStats):
+        return None
     if isinstance(source, Features):
         shape = source.meta.get("image_shape")
         return tuple(shape) if shape is not None else None
     return tuple(source.shape[1:])
 
 
-def _check_compatible(generated: Tensor | Features, reference: Tensor | Features, sha256: str) -> None:
+def _width(source: Source) -> int:
+    """The width of a source's pool features (images: the Inception's)."""
+    if isinstance(source, Features):
+        return source.values.shape[1]
+    return len(source.mu) if isinstance(source, FeatureStats) else FEATURE_DIM
+
+
+def _check_compatible(generated: Source, reference: Source, sha256: str) -> None:
     for name, source in (("generated", generated), ("reference", reference)):
-        if isinstance(source, Features) and source.values.shape[1] != FEATURE_DIM:
-            raise DebiasError(f"{name} features are {source.values.shape[1]}-d, not the {FEATURE_DIM}-d Inception "
+        width = _width(source)
+        if width != FEATURE_DIM:
+            raise DebiasError(f"{name} features are {width}-d, not the {FEATURE_DIM}-d Inception "
                               "pool features these metrics use")
-        if isinstance(source, Features) and source.weights_sha256 != sha256:
+        if isinstance(source, FeatureStats) and source.mu_s is not None and len(source.mu_s) != SPATIAL_DIM:
+            raise DebiasError(f"{name} spatial statistics are {len(source.mu_s)}-d, not the {SPATIAL_DIM}-d "
+                              "sFID features")
+        if isinstance(source, (Features, FeatureStats)) and source.weights_sha256 not in (sha256, None):
             raise DebiasError(
                 f"{name} features were computed with Inception weights {source.weights_sha256[:12]}, "
                 f"these metrics use {sha256[:12]}; recompute them with the same weights"
@@ -95,7 +137,7 @@ def _check_compatible(generated: Tensor | Features, reference: Tensor | Features
 
 def compute_metrics(
     generated: ImageSource | Features,
-    reference: ImageSource | Features,
+    reference: ImageSource | Features | FeatureStats,
     weights: str | os.PathLike | InceptionWeights | None = None,
     metrics: Sequence[str] = ("fid", "kid", "pr"),
     kid_subset_size: int = 1000,
@@ -107,9 +149,10 @@ def compute_metrics(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score generated images against reference images (either side may be precomputed
-    :class:`Features`); features are extracted once per set and shared by all metrics.
+    :class:`Features`, the reference also FID statistics); features are extracted once per set and
+    shared by all metrics.
 
-    Returns the requested values — ``fid``; ``kid``, ``kid_std`` (unbiased MMD² with the cubic
+    Returns the requested values — ``fid``; ``sfid``; ``kid``, ``kid_std`` (unbiased MMD² with the cubic
     polynomial kernel over ``kid_subsets`` random subsets); ``precision``, ``recall`` (k-NN manifolds
     of Kynkäänniemi et al. 2019); ``isc``, ``isc_std`` (needs weights with a real fc layer) — and
     ``provenance``: image counts, extractor, weights sha256/source, torch-fidelity version, seconds.
@@ -121,33 +164,29 @@ def compute_metrics(
     if not isinstance(weights, InceptionWeights):
         weights = resolve_inception_weights(weights)
     gen = generated if isinstance(generated, Features) else load_images(generated)
-    ref = reference if isinstance(reference, Features) else load_images(reference)
-    n_gen, n_ref = _count(gen), _count(ref)
-    _check_request(metrics, n_gen, n_ref, kid_subset_size, pr_k)
-    if "isc" in metrics and not weights.has_logits:
-        raise DebiasError(
-            f"Inception Score needs Inception weights with the fc layer; the {weights.source} weights lack it"
-        )
-    if "isc" in metrics and isinstance(gen, Features):
-        raise DebiasError("Inception Score needs the generated images, not precomputed features")
+    ref = reference if isinstance(reference, (Features, FeatureStats)) else load_images(reference)
+    _check_request(metrics, gen, ref, weights, kid_subset_size, pr_k)
     _check_compatible(gen, ref, weights.sha256)
 
-    total, offset = sum(_count(s) for s in (gen, ref) if not isinstance(s, Features)), 0
+    total, offset = sum(len(s) for s in (gen, ref) if isinstance(s, Tensor)), 0
 
     def features_of(source: Tensor | Features, layers: tuple[str, ...]) -> dict[str, Tensor]:
         nonlocal offset
         if isinstance(source, Features):
-            return {"2048": source.values}
+            return {"2048": source.values, "spatial": source.spatial}
         base, offset = offset, offset + len(source)
         report = None if progress is None else (lambda done, _: progress(base + done, total))
         return extract(source, weights, layers, batch_size, device, report)
 
-    gen_feats = features_of(gen, ("2048", "logits_unbiased") if "isc" in metrics else ("2048",))
-    ref_feats = features_of(ref, ("2048",))["2048"]
-    result = _scores(gen_feats, ref_feats, weights.sha256, metrics, kid_subset_size, kid_subsets, pr_k, seed)
+    layers = ("2048", "spatial") if "sfid" in metrics else ("2048",)
+    gen_feats = features_of(gen, layers + (("logits_unbiased",) if "isc" in metrics else ()))
+    ref_feats = None if isinstance(ref, FeatureStats) else features_of(ref, layers)
+    result = _scores(gen_feats, ref_feats if ref_feats is not None else ref, metrics, kid_subset_size,
+                     kid_subsets, pr_k, seed)
     result["provenance"] = {
-        "n_generated": n_gen,
-        "n_reference": n_ref,
+        "n_generated": _count(gen),
+        "n_reference": _count(ref),
+        "reference_statistics": ref.source if isinstance(ref, FeatureStats) else None,
         "extractor": EXTRACTOR,
         "weights_sha256": weights.sha256,
         "weights_source": weights.source,
@@ -161,38 +200,35 @@ def compute_metrics(
     return result
 
 
-def _scores(
-    gen_feats: dict[str, Tensor],
-    ref: Tensor,
-    sha256: str,
-    metrics: Sequence[str],
-    kid_subset_size: int,
-    kid_subsets: int,
-    pr_k: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Metric values from generated features {layer: (N, D)} and reference pool features (M, 2048)."""
+def _scores(gen: dict[str, Tensor], ref: dict[str, Tensor] | FeatureStats, metrics: Sequence[str],
+            kid_subset_size: int, kid_subsets: int, pr_k: int, seed: int) -> dict[str, Any]:
+    """Metric values from generated features {layer: (N, D)} and reference features or statistics."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    gen = gen_feats["2048"]
+    def stats(feats: dict[str, Tensor] | FeatureStats) -> FeatureStats:
+        if isinstance(feats, FeatureStats):
+            return feats
+        return FeatureStats.from_features(feats["2048"], None, feats["spatial"] if "sfid" in metrics else None)
+
     scores: dict[str, Any] = {}
-    if "fid" in metrics:
-        a, b = FeatureStats.from_features(gen, sha256), FeatureStats.from_features(ref, sha256)
-        scores["fid"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    if {"fid", "sfid"} & set(metrics):
+        a, b = stats(gen), stats(ref)
+        if "fid" in metrics:
+            scores["fid"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+        if "sfid" in metrics:
+            scores["sfid"] = frechet_distance(a.mu_s, a.sigma_s, b.mu_s, b.sigma_s)
     if "kid" in metrics:
-        kid = kid_features_to_metric(
-            gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=False
-        )
+        kid = kid_features_to_metric(gen["2048"], ref["2048"], kid_subsets=kid_subsets,
+                                     kid_subset_size=kid_subset_size, rng_seed=seed, verbose=False)
         scores["kid"] = kid["kernel_inception_distance_mean"]
         scores["kid_std"] = kid["kernel_inception_distance_std"]
     if "pr" in metrics:
-        prc = prc_features_to_metric(
-            gen, ref, prc_neighborhood=pr_k, prc_batch_size=1024, save_cpu_ram=True, verbose=False
-        )
+        prc = prc_features_to_metric(gen["2048"], ref["2048"], prc_neighborhood=pr_k, prc_batch_size=1024,
+                                     save_cpu_ram=True, verbose=False)
         scores["precision"], scores["recall"] = prc["precision"], prc["recall"]
     if "isc" in metrics:
-        isc = isc_features_to_metric(gen_feats["logits_unbiased"], rng_seed=seed)
+        isc = isc_features_to_metric(gen["logits_unbiased"], rng_seed=seed)
         scores["isc"], scores["isc_std"] = isc["inception_score_mean"], isc["inception_score_std"]
     return scores

@@ -91,6 +91,23 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, legacy_order: bool) -> Tensor:
     return out.mT.reshape(batch, num_heads * ch, length)
 
 
+def einsum_qkv_attention(qkv: Tensor, num_heads: int, *, legacy_order: bool) -> Tensor:
+    """:func:`qkv_attention` in guided-diffusion's own arithmetic (``QKVAttentionLegacy`` /
+    ``QKVAttention.forward``): q and k each scaled by C^(-1/4), einsum scores, softmax in float32 —
+    the same math, but bit for bit what the original computes on the same machine. (B, 3·heads·C, T)
+    -> (B, heads·C, T)."""
+    batch, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    if legacy_order:
+        q, k, v = qkv.reshape(batch * num_heads, ch * 3, length).split(ch, dim=1)
+    else:
+        q, k, v = (part.reshape(batch * num_heads, ch, length) for part in qkv.chunk(3, dim=1))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(batch, -1, length)
+
+
 class Upsample(nn.Module):
     """Nearest 2x upsampling, then optionally a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
 
@@ -223,6 +240,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.use_checkpoint = use_checkpoint
         self.legacy_order = not use_new_attention_order
+        self.einsum = False  # attend with einsum_qkv_attention (the original's arithmetic) instead of SDPA
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -236,7 +254,8 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)  # (B, C, T)
-        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, legacy_order=self.legacy_order)
+        attend = einsum_qkv_attention if self.einsum else qkv_attention
+        h = attend(self.qkv(self.norm(x)), self.num_heads, legacy_order=self.legacy_order)
         return (x + self.proj_out(h)).reshape(batch, channels, *spatial)
 
 

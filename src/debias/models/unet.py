@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from debias.models.layers import (AttentionBlock, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential, Upsample,
                                   timestep_embedding, zero_module)
 
+ATTENTION = ("sdpa", "einsum")  # how AttentionBlocks compute (UNetModel.set_attention)
+
 class UNetModel(nn.Module):
     """The ADM UNet with timestep (and optional class) conditioning; guided-diffusion's arguments.
 
@@ -146,6 +148,15 @@ class UNetModel(nn.Module):
         )
         if use_fp16:
             self.convert_to_fp16()
+
+    def set_attention(self, kind: str) -> None:
+        """Attend with ``sdpa`` (fused scaled_dot_product_attention, the default) or ``einsum`` (the
+        original's arithmetic: slower, and bit for bit guided-diffusion on the same machine)."""
+        if kind not in ATTENTION:
+            raise ValueError(f"unknown attention {kind!r}; choose one of {', '.join(ATTENTION)}")
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.einsum = kind == "einsum"
 
     def convert_to_fp16(self) -> None:
         """Convert the torso's convolutions to float16 (upstream's convert_to_fp16)."""

@@ -12,13 +12,14 @@ with x̂0 the (optionally clipped) data prediction and ε̂ re-derived from it, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from debias.diffusion.schedule import Schedule
 from debias.samplers.denoiser import Denoiser
+from debias.samplers.grid import Grid
 from debias.samplers.noise import SampleNoise
 
 
@@ -29,7 +30,7 @@ def ddim_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor, eta: fl
     The network sees ``chain.timestep_map[t]``. ``noise`` (B, C, H, W) is z of eq. (12), needed iff η > 0
     (not added where t == 0).
     """
-    alpha, sigma = chain.gather(chain.alpha, t, x), chain.gather(chain.sigma, t, x)
+    alpha, sigma = (chain.gather(table, t, x, torch.float64) for table in (chain.alpha, chain.sigma))
     pred = denoiser(x, chain.timestep_map.to(x.device)[t], alpha, sigma)
     abar = chain.gather(chain.alphas_cumprod, t, x)
     abar_prev = chain.gather(chain.alphas_cumprod_prev, t, x)
@@ -44,17 +45,18 @@ def ddim_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor, eta: fl
 
 
 @torch.inference_mode()
-def ddim(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+def ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
          progress: Callable[[int, int], None] | None = None, *, eta: float) -> Tensor:
-    """DDIM sampling from x_T (B, C, H, W) over the ascending original ``timesteps``; returns x0 (B, C, H, W).
+    """DDIM sampling from x_T (B, C, H, W) through the points of ``grid`` (on its chain: the last step
+    goes to ᾱ = 1 when the grid ends at σ = 0); returns the samples (B, C, H, W).
 
     ``noise`` gives one draw per step when ``eta`` > 0.
     """
-    chain = denoiser.schedule.respace(timesteps)
-    x = x_T
-    for done, i in enumerate(reversed(range(chain.num_timesteps)), start=1):
+    chain, x = grid.chain(), x_T
+    last = 0 if grid.to_zero else 1
+    for done, i in enumerate(range(chain.num_timesteps - 1, last - 1, -1), start=1):
         t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
         x = ddim_step(denoiser, chain, x, t, eta, noise.draw() if eta > 0 else None)
         if progress is not None:
-            progress(done, chain.num_timesteps)
+            progress(done, grid.steps)
     return x

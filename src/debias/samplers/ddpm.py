@@ -8,7 +8,7 @@ and β̃_t (Nichol & Dhariwal 2021, eq. 15) — see :func:`debias.diffusion.reve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch import Tensor
 from debias.diffusion.reverse import ReverseStep, reverse_step
 from debias.diffusion.schedule import Schedule
 from debias.samplers.denoiser import Denoiser
+from debias.samplers.grid import Grid
 from debias.samplers.noise import SampleNoise
 
 
@@ -27,7 +28,7 @@ def ddpm_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor,
     timesteps ``chain.timestep_map[t]``. ``noise`` (B, C, H, W) is the standard normal z of Ho et al.
     Alg. 2 (ignored where t == 0: the last step returns the mean). Returns x_{t-1} and p(x_{t-1} | x_t).
     """
-    alpha, sigma = chain.gather(chain.alpha, t, x), chain.gather(chain.sigma, t, x)
+    alpha, sigma = (chain.gather(table, t, x, torch.float64) for table in (chain.alpha, chain.sigma))
     pred = denoiser(x, chain.timestep_map.to(x.device)[t], alpha, sigma)
     p = reverse_step(chain, pred.x0, pred.eps, pred.var, x, t)
     if noise is None:
@@ -37,15 +38,16 @@ def ddpm_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor,
 
 
 @torch.inference_mode()
-def ddpm(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+def ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
          progress: Callable[[int, int], None] | None = None) -> Tensor:
-    """Ancestral sampling from x_T (B, C, H, W) over the ascending original ``timesteps``; returns x0
-    (B, C, H, W). ``noise`` gives one fresh draw per step (the last step's draw is discarded, as upstream)."""
-    chain = denoiser.schedule.respace(timesteps)
-    x = x_T
-    for done, i in enumerate(reversed(range(chain.num_timesteps)), start=1):
+    """Ancestral sampling from x_T (B, C, H, W) through the points of ``grid`` (on its chain; a grid that
+    ends at σ = 0 ends with the mean of the last step); returns the samples (B, C, H, W). ``noise`` gives
+    one fresh draw per step (the last step's draw is discarded, as upstream)."""
+    chain, x = grid.chain(), x_T
+    last = 0 if grid.to_zero else 1
+    for done, i in enumerate(range(chain.num_timesteps - 1, last - 1, -1), start=1):
         t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
         x, _ = ddpm_step(denoiser, chain, x, t, noise.draw())
         if progress is not None:
-            progress(done, chain.num_timesteps)
+            progress(done, grid.steps)
     return x

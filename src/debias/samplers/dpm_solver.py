@@ -20,10 +20,10 @@ D₁⁰ = (m₀ − m₁)/r₀, D₁¹ = (m₁ − m₂)/r₁ are
 
 with (c, k) = (σ_t/σ_s, α_t) for data and (α_t/α_s, σ_t) for noise prediction. The first-order part
 c x_s − k φ₁ m₀ is, in both forms, the DDIM step α_t x̂0 + σ_t ε̂ (Lu et al. 2022a, §4.1), and is
-computed so (no cancellation at tiny α_s). As in diffusers' ``lower_order_final=True`` the first steps
-warm up with lower orders, runs of fewer than 15 steps take at most order 2 on the second-to-last
-step, and the last step goes to σ = 0 (``final_sigmas_type="zero"``), where the update is the data
-prediction x̂0 itself.
+computed so (no cancellation at tiny α_s). The first steps warm up with lower orders (order ≤ i + 1
+at step i); with ``lower_order_final`` = L, runs of fewer than L steps also lower the order of their
+last steps (order ≤ n − i: diffusers uses L = 15, the original DPM-Solver code L = 10). A step to
+σ = 0 (a grid that ends there, diffusers' ``final_sigmas_type="zero"``) returns the data prediction x̂0.
 
 ``clip_x0`` clamps x̂0 to [-1, 1] before it is used (for ``dpmsolver`` ε̂ is then re-derived from the
 clamped x̂0): diffusers' ``thresholding=True`` with ``sample_max_value=1``, whose dynamic threshold is
@@ -33,56 +33,42 @@ then always 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from debias.diffusion.schedule import Schedule
 from debias.samplers.denoiser import Denoiser, Prediction
+from debias.samplers.grid import Grid
 from debias.samplers.noise import SampleNoise
 
 
-def solver_grid(schedule: Schedule, timesteps: Sequence[int]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """The ascending original ``timesteps`` in the order a multistep solver visits them (descending),
-    and α, σ, λ there (float64 floats)."""
-    timesteps = list(timesteps)[::-1]
-    alpha = [float(schedule.alpha[t]) for t in timesteps]
-    sigma = [float(schedule.sigma[t]) for t in timesteps]
-    lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
-    return timesteps, alpha, sigma, lam
+def predict_at(denoiser: Denoiser, x: Tensor, grid: Grid, i: int) -> Prediction:
+    """The denoiser's predictions at x (B, C, H, W) on point i of ``grid``."""
+    return denoiser(x, grid.model_timesteps(i, x), grid.alpha[i], grid.sigma[i])
 
 
-def predict_at(denoiser: Denoiser, x: Tensor, t: int, alpha: float, sigma: float) -> Prediction:
-    """The denoiser's predictions at x (B, C, H, W) on original timestep ``t``."""
-    return denoiser(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device), alpha, sigma)
-
-
-def step_order(order: int, i: int, n: int) -> int:
-    """Order of step i of n (diffusers' multistep warm-up and ``lower_order_final`` rules)."""
-    if i == n - 1:
-        return 1
-    if i == n - 2 and n < 15:
-        return min(order, i + 1, 2)
-    return min(order, i + 1)
+def step_order(order: int, i: int, n: int, lower_final: bool) -> int:
+    """Order of step i of n: warm-up (≤ i + 1) and, with ``lower_final``, lower final steps (≤ n − i)."""
+    return min(order, i + 1, n - i) if lower_final else min(order, i + 1)
 
 
 @torch.inference_mode()
-def dpm_solver(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
-               progress: Callable[[int, int], None] | None = None, *, order: int, algorithm: str) -> Tensor:
-    """Multistep DPM-Solver(++) from x_T (B, C, H, W) over the ascending original ``timesteps`` (one
-    network call each); returns x0 (B, C, H, W).
+def dpm_solver(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
+               progress: Callable[[int, int], None] | None = None, *, order: int, lower_order_final: int,
+               algorithm: str) -> Tensor:
+    """Multistep DPM-Solver(++) from x_T (B, C, H, W) through the points of ``grid`` (one network call
+    each but the end); returns the samples (B, C, H, W).
 
     ``algorithm`` is ``dpmsolver`` (noise-prediction form) or ``dpmsolver++`` (data-prediction form);
     ``noise`` is unused (the solver is deterministic).
     """
-    timesteps, alpha, sigma, lam = solver_grid(denoiser.schedule, timesteps)
-    n = len(timesteps)
+    alpha, sigma, lam, n = grid.alpha, grid.sigma, grid.lam, grid.steps
     x, history = x_T, []
-    for i, t in enumerate(timesteps):
-        pred = predict_at(denoiser, x, t, alpha[i], sigma[i])
+    for i in range(n):
+        pred = predict_at(denoiser, x, grid, i)
         x0, eps = pred.x0, pred.eps
-        if i == n - 1:
+        if sigma[i + 1] == 0:
             x = x0  # the step to σ = 0: x_0 = x̂0 in both forms
         else:
             m = x0 if algorithm == "dpmsolver++" else eps
@@ -92,7 +78,7 @@ def dpm_solver(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise:
             # the first-order part c x_s − k φ₁ m₀ equals the DDIM step α_t x̂0 + σ_t ε̂ in both forms;
             # written so, the noise form avoids the cancellation (α_t/α_s) x_s − σ_t(e^h − 1) ε̂ at tiny α_s
             x = alpha[i + 1] * x0 + sigma[i + 1] * eps
-            p = step_order(order, i, n)
+            p = step_order(order, i, n, n < lower_order_final)
             if p == 2:
                 d1 = (m - history[-2]) / ((lam[i] - lam[i - 1]) / h)
                 x = x - k * 0.5 * math.expm1(hh) * d1

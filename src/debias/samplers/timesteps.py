@@ -1,7 +1,9 @@
-"""Which original timesteps a sampler evaluates the model at.
+"""The discrete spacings: which original (integer) timesteps of the chain a sampler visits.
 
 Spacings:
 - ``even``: guided-diffusion's ``space_timesteps(T, str(steps))`` — evenly strided, both ends kept.
+- ``ddim``: guided-diffusion's ``space_timesteps(T, f"ddim{steps}")`` — ``range(0, T, stride)`` with the
+  integer stride that gives exactly ``steps`` points (the DDIM paper's respacing, ``timestep_respacing="ddimN"``).
 - ``linspace``, ``leading``, ``trailing``: diffusers' ``timestep_spacing`` options (Lin et al. 2023,
   Table 2) with ``steps_offset=0``. diffusers has two variants of the first two formulas:
   ``DDIMScheduler``/``DDPMScheduler`` place ``steps`` points, while the multistep solvers
@@ -17,7 +19,7 @@ import numpy as np
 from debias.diffusion.schedule import space_timesteps
 from debias.errors import DebiasError
 
-SPACINGS = ("even", "linspace", "leading", "trailing")
+DISCRETE_SPACINGS = ("even", "ddim", "linspace", "leading", "trailing")
 
 
 def select_timesteps(num_timesteps: int, steps: int, spacing: str = "even", *, multistep: bool = False) -> list[int]:
@@ -26,14 +28,20 @@ def select_timesteps(num_timesteps: int, steps: int, spacing: str = "even", *, m
     Raises DebiasError for an unknown spacing, ``steps`` outside [1, T], or a spacing that would
     repeat a timestep at this step count.
     """
-    if spacing not in SPACINGS:
-        raise DebiasError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing not in DISCRETE_SPACINGS:
+        raise DebiasError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(DISCRETE_SPACINGS)}")
     if not 1 <= steps <= num_timesteps:
         raise DebiasError(f"cannot sample with {steps} steps: the model's diffusion chain has "
                          f"{num_timesteps} steps (choose 1..{num_timesteps})")
     T, n = num_timesteps, steps
     if spacing == "even":
         return space_timesteps(T, str(n))
+    if spacing == "ddim":
+        try:
+            return space_timesteps(T, f"ddim{n}")
+        except ValueError:
+            raise DebiasError(f"'ddim' spacing has no integer stride giving exactly {n} of {T} steps; "
+                              "use another step count or spacing") from None
     if spacing == "trailing":
         # diffusers: np.round(np.arange(T, 0, -T / n)) - 1, written so that float rounding of the
         # arange length can never add an (n+1)-th point

@@ -2,7 +2,8 @@
 model evaluation the next step needs anyway, so a corrected step costs no extra network call.
 
 Data-prediction form (diffusers' ``UniPCMultistepScheduler`` defaults: ``predict_x0=True``,
-``lower_order_final=True``, ``disable_corrector=[]``, ``final_sigmas_type="zero"``). With λ, h and
+``lower_order_final=True``, ``disable_corrector=[]``, ``final_sigmas_type="zero"``, and the original
+``UniPC.py``'s ``algorithm_type="data_prediction"``). With λ, h and
 ĥ = −h as in DPM-Solver++, the update from s to t using the data predictions m₀ (at s) and earlier
 m_k (at λ_{s_k}, r_k = (λ_{s_k} − λ_s)/h, D_k = (m_k − m₀)/r_k) is
 
@@ -15,21 +16,22 @@ with B(h) = ĥ (``bh1``) or e^ĥ − 1 (``bh2``), and ρ solving the order condi
 - UniC-p (corrector) adds the fresh output m_t at the predicted x_t as a point with r = 1 (K = p) and
   recomputes x_t from x_s; the model output at the *uncorrected* x_t is kept for the next step.
 
-For K = 1 both use ρ = ½, the simplification of the reference implementation. Warm-up and final
-steps lower the order (p = min(order, i + 1, n − i)); the last step goes to σ = 0, where the update
-is the data prediction itself, so no corrector follows it.
+For K = 1 both use ρ = ½, the simplification of the reference implementation. Warm-up steps lower
+the order (p ≤ i + 1), and so do the final steps (p ≤ n − i), as in diffusers and the original code. The last step has no corrector (no network
+call follows it); a step to σ = 0 returns the data prediction itself.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from debias.samplers.denoiser import Denoiser
-from debias.samplers.dpm_solver import predict_at, solver_grid
+from debias.samplers.dpm_solver import predict_at, step_order
+from debias.samplers.grid import Grid
 from debias.samplers.noise import SampleNoise
 
 VARIANTS = ("bh1", "bh2")
@@ -69,27 +71,26 @@ def uni_bh_update(x_s: Tensor, outputs: list[Tensor], lams: list[float], lam_t: 
 
 
 @torch.inference_mode()
-def unipc(denoiser: Denoiser, x_T: Tensor, timesteps: Sequence[int], noise: SampleNoise | None = None,
+def unipc(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
           progress: Callable[[int, int], None] | None = None, *, order: int, variant: str) -> Tensor:
-    """UniPC from x_T (B, C, H, W) over the ascending original ``timesteps`` (one network call each);
-    returns x0 samples (B, C, H, W).
+    """UniPC from x_T (B, C, H, W) through the points of ``grid`` (one network call each but the end);
+    returns the samples (B, C, H, W).
 
     ``order`` 1–3 is the predictor order p (UniC-p raises the accuracy to p + 1); ``variant`` picks B(h).
     ``noise`` is unused (the solver is deterministic).
     """
-    timesteps, alpha, sigma, lam = solver_grid(denoiser.schedule, timesteps)
-    n = len(timesteps)
+    alpha, sigma, lam, n = grid.alpha, grid.sigma, grid.lam, grid.steps
     x, outputs, x_last, p_last = x_T, [], None, 0
-    for i, t in enumerate(timesteps):
-        m = predict_at(denoiser, x, t, alpha[i], sigma[i]).x0
-        if i == n - 1:
+    for i in range(n):
+        m = predict_at(denoiser, x, grid, i).x0
+        if sigma[i + 1] == 0:
             x = m  # the step to σ = 0 returns the data prediction
         else:
             if i > 0:  # UniC-p: correct x_i with m, the output the predictor below needs anyway
                 x = uni_bh_update(x_last, outputs[-p_last:], lam[i - p_last:i], lam[i], alpha[i], sigma[i],
                                   sigma[i - 1], variant, m_t=m)
             outputs = (outputs + [m])[-order:]
-            p = min(order, i + 1, n - i)
+            p = step_order(order, i, n, lower_final=True)
             x_last, p_last = x, p
             x = uni_bh_update(x, outputs[-p:], lam[i - p + 1:i + 1], lam[i + 1], alpha[i + 1], sigma[i + 1],
                               sigma[i], variant)

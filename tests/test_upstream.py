@@ -1,0 +1,276 @@
+"""Reproducing the paper's code: its sampler calls (``sample.preset: upstream``), its grids and order
+rules, its literal loss weighting, and guided-diffusion's evaluation format (ADM batches, sFID)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from debias.cli import app
+from debias.config import SampleConfig, config_from_dict
+from debias.convert import convert_checkpoint, parse_flags
+from debias.diffusion.losses import diffusion_loss
+from debias.diffusion.schedule import Schedule, space_timesteps
+from debias.diffusion.weighting import loss_weights
+from debias.errors import DebiasError
+from debias.images import read_npz, save_adm_npz
+from debias.metrics.features import FeatureStats
+from debias.metrics.inception import resolve_inception_weights
+from debias.metrics.scores import compute_metrics
+from debias.samplers.dpm_solver import step_order
+from debias.samplers.grid import LogAlpha, make_grid
+from debias.sampling import sample_checkpoint
+from debias.sources import image_source
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_fixture(name: str) -> dict:
+    return torch.load(FIXTURES / name, weights_only=True)
+
+
+GOLDEN = load_fixture("samplers_upstream.pt")
+# the golden UNet's guided-diffusion flags (its config_json: attention at rate 2 of 16 = at 8x8)
+FLAGS = ("--image_size 16 --num_channels 32 --num_res_blocks 1 --attention_resolutions 8 --channel_mult 1,2,2 "
+         "--num_head_channels 16 --learn_sigma True --use_scale_shift_norm True --resblock_updown True "
+         "--class_cond False --diffusion_steps 1000 --noise_schedule linear")
+CASES = ([("dpmsolver", n, None) for n in (5, 10, 20, 50)] + [("unipc", n, None) for n in (5, 10, 20, 50)]
+         + [("ddim", n, None) for n in (5, 10, 20, 50)] + [("ddim", n, "ddim") for n in (10, 20, 25, 50)])
+
+
+def reference(solver: str, steps: int, spacing: str | None) -> torch.Tensor:
+    return GOLDEN[f"{'ddimN' if spacing == 'ddim' else solver}/{steps}"]
+
+
+def assert_reproduces(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """The must-show bound: max |Δ| <= 1e-5 · max(1, max |reference|)."""
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours - ref).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The golden UNet imported as the user would: `debias convert` of its bare state dict."""
+    root = tmp_path_factory.mktemp("upstream")
+    torch.save(GOLDEN["state_dict"], root / "ema_0.9999_000000.pt")
+    assert json.loads(GOLDEN["config_json"])["attention_resolutions"] == [2]
+    convert_checkpoint(root / "ema_0.9999_000000.pt", parse_flags(FLAGS), root / "model.pt")
+    np.savez(root / "x_T.npz", noise=GOLDEN["x_T"].numpy())
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """The reference was made single-threaded; the original's own 2-thread DDIM differs from it by 1e-4."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("solver,steps,spacing", CASES)
+def test_preset_upstream_reproduces_the_original_library(imported, one_thread, solver, steps, spacing):
+    cfg = SampleConfig(preset="upstream", steps=[steps], num_samples=4, batch_size=4)
+    overrides = {} if spacing is None else {"spacing": spacing}
+    (_, ours), = sample_checkpoint(imported / "model.pt", solver, cfg, init_noise=GOLDEN["x_T"], float32=True,
+                                   **overrides)
+    assert ours.dtype == torch.float32
+    assert_reproduces(ours, reference(solver, steps, spacing))
+
+
+@pytest.mark.parametrize("solver,steps,spacing", CASES)
+def test_preset_upstream_reproduces_the_original_cli(imported, one_thread, tmp_path, solver, steps, spacing):
+    out = tmp_path / "x.npz"
+    args = ["sample", str(imported / "model.pt"), "--preset", "upstream", "--solver", solver, "--steps", str(steps),
+            "--init-noise", str(imported / "x_T.npz"), "--float32", "--out", str(out)]
+    result = CliRunner().invoke(app, args + ([] if spacing is None else ["--spacing", spacing]))
+    assert result.exit_code == 0, result.output
+    with np.load(out) as data:
+        assert_reproduces(torch.from_numpy(data["images"]), reference(solver, steps, spacing))
+
+
+def test_without_the_preset_the_samplers_differ_from_the_original(imported):
+    """The preset is what makes the match: the default grid, end and order rules sample differently."""
+    (_, ours), = sample_checkpoint(imported / "model.pt", "dpmsolver", SampleConfig(steps=[10], num_samples=4),
+                                   init_noise=GOLDEN["x_T"], float32=True)
+    assert (ours - GOLDEN["dpmsolver/10"]).abs().max() > 1e-2 * GOLDEN["dpmsolver/10"].abs().max()
+
+
+# ----------------------------------------------------------------------------- grids
+
+def test_time_uniform_calls_the_network_at_fractional_timesteps():
+    grid = make_grid(Schedule.named("linear", 1000), 10, "time_uniform", denoise_to_zero=False, tables="float32")
+    assert grid.steps == 10 and not grid.integral and not grid.to_zero
+    np.testing.assert_allclose(grid.timesteps, [999, 899.1, 799.2, 699.3, 599.4, 499.5, 399.6, 299.7, 199.8, 99.9, 0],
+                               atol=1e-3)
+    # the end: discrete step 0, σ = √β_0 (to 1e-4: the original's float32 1 − e^{2 log α} cancels there)
+    assert grid.sigma[-1] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_float32_tables_are_the_originals_noise_schedule():
+    """log α from float32 β accumulated in float32 (the original's NoiseScheduleVP), interpolated linearly."""
+    schedule = Schedule.named("linear", 1000)
+    log_alpha = LogAlpha(schedule, torch.float32)
+    betas = torch.from_numpy(np.linspace(0.0001, 0.02, 1000)).float()
+    assert torch.equal(log_alpha.y, 0.5 * torch.log(1 - betas).cumsum(0))
+    knots = torch.tensor([1 / 1000, 0.5, 1.0])
+    torch.testing.assert_close(log_alpha(knots), log_alpha.y[[0, 499, 999]], rtol=0, atol=1e-6)
+    middle = torch.tensor([0.5005])  # half-way between steps 499 and 500
+    torch.testing.assert_close(log_alpha(middle), (log_alpha.y[499:500] + log_alpha.y[500:501]) / 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("tables", ["float64", "float32"])
+def test_log_snr_and_quadratic_spacings(tables):
+    schedule = Schedule.named("cosine", 1000)
+    grid = make_grid(schedule, 8, "logSNR", denoise_to_zero=False, tables=tables)
+    steps_in_lambda = np.diff(grid.lam)
+    np.testing.assert_allclose(steps_in_lambda, steps_in_lambda.mean(), rtol=1e-3)
+    quadratic = make_grid(schedule, 8, "time_quadratic", denoise_to_zero=False, tables=tables)
+    t = (np.array(quadratic.timesteps) + 1) / 1000
+    np.testing.assert_allclose(np.diff(np.sqrt(t)), np.diff(np.sqrt(t)).mean(), rtol=1e-4)
+
+
+def test_denoise_to_zero_ends_at_sigma_zero_with_the_same_number_of_calls():
+    schedule = Schedule.named("linear", 1000)
+    for spacing in ("even", "time_uniform", "linspace"):
+        zero = make_grid(schedule, 6, spacing, multistep=True)
+        last = make_grid(schedule, 6, spacing, multistep=True, denoise_to_zero=False)
+        assert zero.steps == last.steps == 6 and zero.to_zero and not last.to_zero
+        assert zero.alphas_cumprod[-1] == 1.0 and math.isinf(zero.lam[-1])
+    # diffusers' multistep linspace = the plain n + 1 points with the smallest replaced by σ = 0
+    assert make_grid(schedule, 6, "linspace", multistep=True).timesteps[:-1] == \
+        make_grid(schedule, 6, "linspace", denoise_to_zero=False).timesteps[:-1]
+
+
+def test_ddim_spacing_is_guided_diffusions_ddimN():
+    for n in (10, 20, 25, 50):
+        grid = make_grid(Schedule.named("linear", 1000), n, "ddim")
+        assert sorted(grid.timesteps[:-1]) == space_timesteps(1000, f"ddim{n}")
+    with pytest.raises(DebiasError, match="integer stride"):
+        make_grid(Schedule.named("linear", 1000), 37, "ddim")
+
+
+def test_order_rules():
+    """Warm-up always; the final steps lower the order only where the rule applies (DPM-Solver: runs of
+    fewer than lower_order_final steps; UniPC: always)."""
+    assert [step_order(3, i, 6, lower_final=True) for i in range(6)] == [1, 2, 3, 3, 2, 1]
+    assert [step_order(3, i, 6, lower_final=False) for i in range(6)] == [1, 2, 3, 3, 3, 3]
+    assert [step_order(2, i, 12, 12 < 10) for i in range(12)][-2:] == [2, 2]  # the original's DPM-Solver at 12
+
+
+# ----------------------------------------------------------------------------- weighting
+
+@pytest.mark.parametrize("target", ["x0", "v"])
+def test_weight_space_target_is_the_originals_literal_weighting(target):
+    """`loss.weight_space: target` multiplies the target's own MSE by the ε-space weight, as the original."""
+    g = load_fixture("diffusion_linear_1000_respaced50.pt")
+    cfg = config_from_dict({}, ["weighting=debias", f"target={target}", "loss.weight_space=target"])
+    schedule = Schedule.named("linear", 1000)
+    weights = loss_weights(cfg.weighting, schedule.snr, cfg.target, cfg.loss)
+    terms = diffusion_loss(schedule, g["model_output"][:, :3], g["x0"], g["noise"], g["t"], target, weights, False)
+    expected = g["weight/debias"][g["t"]] * g[f"{target}/mse_unweighted"]
+    torch.testing.assert_close(terms.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    eps_space = config_from_dict({}, ["weighting=debias", f"target={target}"])
+    assert not torch.allclose(loss_weights("debias", schedule.snr, target, eps_space.loss), weights)
+
+
+# ----------------------------------------------------------------------------- evaluation format
+
+@pytest.fixture(scope="module")
+def weights():
+    return resolve_inception_weights()
+
+
+def digits_uint8(n: int, seed: int = 0) -> torch.Tensor:
+    from debias.data import load_dataset
+    from debias.images import to_uint8
+    from debias.config import DataConfig
+
+    images = to_uint8(load_dataset(DataConfig(image_size=16, channels=3)).images)
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def test_sfid_is_zero_for_identical_sets_and_grows_with_spatial_distortion(weights):
+    images = digits_uint8(24)
+    same = compute_metrics(images, images, weights, metrics=("sfid", "fid"))
+    shifted = [compute_metrics(torch.roll(images, shifts=k, dims=3), images, weights, metrics=("sfid", "fid"))
+               for k in (1, 3)]
+    assert 0 < shifted[0]["sfid"] < shifted[1]["sfid"]
+    # zero up to round-off: with 24 images the 2023-d covariance has ~2000 zero eigenvalues, whose square
+    # roots of ±1e-14 add up to ~1e-4
+    assert abs(same["sfid"]) < 1e-5 * shifted[0]["sfid"] and abs(same["fid"]) < 1e-5 * shifted[0]["fid"]
+
+
+def test_fid_from_an_adm_reference_batch_equals_fid_from_the_same_images(weights, tmp_path):
+    generated, ref = digits_uint8(16, seed=1), digits_uint8(20, seed=2)
+    save_adm_npz(ref, tmp_path / "VIRTUAL_digits.npz")
+    with np.load(tmp_path / "VIRTUAL_digits.npz") as data:
+        assert data["arr_0"].shape == (20, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    folder = tmp_path / "ref"
+    from debias.images import save_png_folder
+
+    save_png_folder(ref, folder)
+    from_batch = compute_metrics(generated, image_source(str(tmp_path / "VIRTUAL_digits.npz")), weights,
+                                 metrics=("fid", "sfid"))
+    from_folder = compute_metrics(generated, image_source(str(folder)), weights, metrics=("fid", "sfid"))
+    assert from_batch["fid"] == pytest.approx(from_folder["fid"], rel=1e-12)
+    assert from_batch["sfid"] == pytest.approx(from_folder["sfid"], rel=1e-12)
+    # the batch's statistics alone (mu/sigma/mu_s/sigma_s, what ADM reference files hold) give the same
+    from debias.metrics.features import extract
+
+    feats = extract(ref, weights, ("2048", "spatial"), 64, "cpu", None)
+    stats = FeatureStats.from_features(feats["2048"], None, feats["spatial"])
+    np.savez(tmp_path / "stats.npz", mu=stats.mu, sigma=stats.sigma, mu_s=stats.mu_s, sigma_s=stats.sigma_s)
+    from_stats = compute_metrics(generated, image_source(str(tmp_path / "stats.npz")), weights, metrics=("fid", "sfid"))
+    assert from_stats["fid"] == pytest.approx(from_folder["fid"], rel=1e-9)
+    assert from_stats["sfid"] == pytest.approx(from_folder["sfid"], rel=1e-9)
+    assert read_npz(tmp_path / "VIRTUAL_digits.npz").shape == (20, 3, 16, 16)
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_malformed_adm_batches_are_one_line_errors(tmp_path):
+    np.savez(tmp_path / "gen.npz", images=np.zeros((4, 3, 16, 16), np.uint8))
+    cases = {
+        "hwc_wrong.npz": dict(arr_0=np.zeros((4, 16, 16, 5), np.uint8)),
+        "float.npz": dict(arr_0=np.zeros((4, 16, 16, 3), np.float32)),
+        "stats_shape.npz": dict(mu=np.zeros(2048), sigma=np.zeros((10, 10))),
+        "stats_nan.npz": dict(mu=np.full(2048, np.nan), sigma=np.eye(2048)),
+        "stats_only_kid.npz": dict(mu=np.zeros(2048), sigma=np.eye(2048)),
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        metric = ["-m", "kid"] if name == "stats_only_kid.npz" else ["-m", "fid"]
+        assert_one_line_error(CliRunner().invoke(app, ["fid", str(tmp_path / "gen.npz"), str(tmp_path / name), *metric]))
+    np.savez(tmp_path / "no_spatial.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    assert_one_line_error(CliRunner().invoke(app, ["fid", str(tmp_path / "gen.npz"), str(tmp_path / "no_spatial.npz"),
+                                                   "-m", "sfid"]), "mu_s")
+
+
+def test_cli_writes_adm_batches_and_checks_its_output_flags(imported, tmp_path):
+    model = str(imported / "model.pt")
+    result = CliRunner().invoke(app, ["sample", model, "--steps", "2", "-n", "3", "--format", "adm",
+                                      "--out", str(tmp_path / "adm.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "adm.npz") as data:
+        assert data["arr_0"].shape == (3, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    for extra, words in [(["--float32", "--out", str(tmp_path / "g.png")], ["--float32", ".npz"]),
+                         (["--float32", "--format", "adm", "--out", str(tmp_path / "x.npz")], ["ADM"]),
+                         (["--init-noise", str(tmp_path / "adm.npz"), "--out", str(tmp_path / "y.npz")], ["noise"]),
+                         (["--preset", "paper", "--out", str(tmp_path / "z.npz")], ["preset"])]:
+        assert_one_line_error(CliRunner().invoke(app, ["sample", model, "--steps", "2", *extra]), *words)
+    np.savez(tmp_path / "small.npz", noise=np.zeros((2, 3, 8, 8), np.float32))
+    assert_one_line_error(CliRunner().invoke(app, ["sample", model, "--steps", "2", "--init-noise",
+                                                   str(tmp_path / "small.npz"), "--out", str(tmp_path / "w.npz")]),
+                          "noise")
+    assert not [p for p in tmp_path.iterdir() if p.name in ("g.png", "x.npz", "y.npz", "z.npz", "w.npz")]
