@@ -87,3 +87,15 @@ def test_cli_config_prints_resolved_yaml():
     result = CliRunner().invoke(app, ["config", "-p", str(REPO / "params.yaml"), "-S", "weighting=min_snr"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["weighting"] == "min_snr"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_are_complete_valid_params_files(path):
+    """configs/paper/*.yaml are whole params files (usable as params.yaml) with the paper's recipe."""
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == set(Config().to_dict())
+    cfg = config_from_dict(raw)
+    assert (cfg.model.model_channels, cfg.model.num_res_blocks, cfg.model.attention_resolutions) == (128, 1, [16])
+    assert (cfg.model.num_head_channels, cfg.model.learn_sigma, cfg.diffusion.schedule) == (64, True, "linear")
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.ema_rates, cfg.sample.preset) == (2e-5, 500_000, [0.9999], "upstream")
+    assert cfg.data.name == "folder" and cfg.data.class_cond == (path.stem == "cifar10")

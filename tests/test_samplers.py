@@ -183,9 +183,9 @@ def test_first_order_solvers_are_ddim(schedule_name):
     schedule = SCHEDULES[schedule_name]
     model, x_T = gaussian_denoiser(schedule, "v"), gaussian_x_T(schedule_name).double()
     denoiser = Denoiser(model, schedule, "v", False, clip_x0=True)
-    ref = sample("ddim", denoiser, x_T, 10)
+    ref = sample("ddim", denoiser, x_T, 10, spacing="even")
     for name in ("dpmsolver", "dpmsolver++"):
-        x = sample(name, denoiser, x_T, 10, order=1)
+        x = sample(name, denoiser, x_T, 10, spacing="even", order=1)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
 
 
@@ -200,7 +200,8 @@ def test_ddpm_matches_data_distribution(learn_sigma_value):
         return torch.cat([exact(x, t), torch.full_like(x, learn_sigma_value)], dim=1)
 
     noise = SampleNoise(seed=1, indices=[0], shape=(1, 128, 128))
-    x = sample("ddpm", Denoiser(learned, schedule, "eps", True, clip_x0=False), noise.draw(), 1000, noise=noise)
+    x = sample("ddpm", Denoiser(learned, schedule, "eps", True, clip_x0=False), noise.draw(), 1000, spacing="even",
+               noise=noise)
     assert abs(x.mean().item() - MU) < 0.015 and abs(x.std().item() - S) < 0.015
 
 
@@ -211,7 +212,8 @@ def test_ddpm_uses_the_learned_variance():
 
     def run(model, learn_sigma):
         noise = SampleNoise(seed=2, indices=range(4), shape=(1, 8, 8))
-        return sample("ddpm", Denoiser(model, schedule, "x0", learn_sigma), noise.draw(), 20, noise=noise)
+        return sample("ddpm", Denoiser(model, schedule, "x0", learn_sigma), noise.draw(), 20, spacing="even",
+                      noise=noise)
 
     fixed = run(exact, False)
     for value, same in [(-1.0, True), (1.0, False)]:
@@ -335,7 +337,8 @@ def test_dpm_solver_pp_even_spacing_matches_diffusers_custom_timesteps():
     x = x_T.clone()
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t.reshape(1)), t, x).prev_sample
-    torch.testing.assert_close(sample("dpmsolver++", Denoiser(model, schedule, "eps", False, clip_x0=False), x_T, 10), x,
+    torch.testing.assert_close(sample("dpmsolver++", Denoiser(model, schedule, "eps", False, clip_x0=False), x_T, 10,
+                                      spacing="even"), x,
                                rtol=0, atol=tol)
 
 
@@ -392,11 +395,29 @@ def test_each_sampler_makes_steps_model_calls_and_reports_progress(solver):
         return exact(x, t)
 
     noise = SampleNoise(0, range(3), (1, 2, 2))
-    x = sample(solver, Denoiser(model, schedule, "eps", False), noise.draw(), 7, noise=noise,
+    x = sample(solver, Denoiser(model, schedule, "eps", False), noise.draw(), 7, spacing="even", noise=noise,
                progress=lambda done, total: reports.append((done, total)))
     assert x.shape == (3, 1, 2, 2) and torch.isfinite(x).all()
     assert len(calls) == 7 and calls == sorted(calls, reverse=True) and calls[0] == 49
     assert reports[-1] == (7, 7) and len(reports) == 7
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("denoise_to_zero", [True, False])
+def test_each_sampler_calls_continuous_grids_at_fractional_timesteps(solver, denoise_to_zero):
+    """On a continuous spacing every solver makes `steps` calls at its float64 timesteps, highest first."""
+    schedule, calls = Schedule.named("linear", 100), []
+
+    def model(x, t, y=None):
+        assert t.dtype == torch.float64 and t.shape == (x.shape[0],)
+        calls.append(t[0].item())
+        return 0.1 * x
+
+    noise = SampleNoise(0, range(2), (1, 2, 2))
+    x = sample(solver, Denoiser(model, schedule, "eps", False), noise.draw(), 6, spacing="time_uniform",
+               denoise_to_zero=denoise_to_zero, noise=noise)
+    assert torch.isfinite(x).all() and len(calls) == 6 and calls == sorted(calls, reverse=True)
+    assert calls[0] == pytest.approx(99) and any(not float(c).is_integer() for c in calls)
 
 
 # ----------------------------------------------------------------------------- per-sample noise and generate

@@ -23,7 +23,7 @@ from debias.errors import DebiasError
 from debias.images import checked_images
 from debias.io import atomic_write
 from debias.metrics.inception import LAYER_DIMS, InceptionWeights, extractor
-from debias.runtime import gather_shards, shard_bounds
+from debias.runtime import gather_shards, resolve_device, shard_bounds
 
 Progress = Callable[[int, int], None]
 
@@ -53,11 +53,12 @@ def extract(
     """float64 features {layer: (N, D)} of ``images`` uint8 (N, C, H, W); sharded over the ranks of an
     initialised torch.distributed group and gathered back in order, so every rank gets all N rows.
 
-    ``layers`` are torch-fidelity's (``2048``, ``logits_unbiased``) and ``spatial``: the ADM evaluator's
+    ``device``: cpu, cuda, cuda:N or auto. ``layers`` are torch-fidelity's (``2048``, ``logits_unbiased``) and ``spatial``: the ADM evaluator's
     sFID features, the first 7 channels of Mixed_6d's 1×1 branch (17×17) flattened in TensorFlow's
     (H, W, C) order, so that statistics compare with those of ADM reference batches.
     """
     images = checked_images(images)
+    device = str(resolve_device(device))
     n = len(images)
     start, stop = shard_bounds(n)
     network_layers = tuple(layer for layer in layers if layer != "spatial") or ("2048",)
