@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 4 minutes; the steps' time limits add up to under 8): training,
-# sampling and FID throughput of the paper's CelebA-HQ 256x256 model (config e) in fp32 vs bf16 vs
-# bf16 + compile, ours vs the original side by side; a check that the training step makes no host
-# syncs; and a torchrun (NCCL, world size 1) smoke run of `debias train` on a tiny config.
+# One prepared GPU check (about 6 minutes; every step has its own time limit, 11.5 minutes in all):
+# training, sampling and FID throughput of the paper's CelebA-HQ 256x256 model (config e) in fp32 vs
+# bf16 vs bf16 + compile, ours vs the original side by side; a check that the training step makes no
+# host syncs; a torchrun (NCCL, world size 1) smoke run of `debias train` on a tiny config; and the
+# real-scale paths (benchmarks/stream_check.sh): 2000 samples at 256x256 streamed to disk in chunks,
+# killed and resumed under torchrun, and their FID read chunk by chunk.
 #
 #   bash benchmarks/gpu_check.sh                 # on a machine with a CUDA GPU; results in $OUT
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh       # the same steps on the CPU with tiny sizes (script check)
@@ -24,8 +26,10 @@ SUMMARY="$OUT/summary.txt"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   # time limits x5: a shared 2-core CPU is far slower than a GPU even at these tiny sizes
   DEV=cpu; CFG=a; STEPS=2; WARM=1; REPS=1; NSAMP=4; FIDN=8; FIDB=8; FIDSIZE=32; COMPILE_OK=0; SCALE=5
+  STREAM=(40 16 8)  # samples, chunk size, batch size
 else
   DEV=cuda; CFG=e; STEPS=10; WARM=3; REPS=3; NSAMP=16; FIDN=1024; FIDB=128; FIDSIZE=256; COMPILE_OK=1; SCALE=1
+  STREAM=(2000 500 100)
 fi
 
 step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $OUT/NAME.txt, record rc
@@ -35,7 +39,7 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $OUT/NAM
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $((SECONDS - began)) s: $*" >> "$SUMMARY"
-  grep -E "speed-up|images/s|^ *[a-e] |trained steps|host syncs|HOST SYNC|Error|error" "$OUT/$name.txt" | tail -n 20 >> "$SUMMARY"
+  grep -E "speed-up|images/s|^ *[a-e] |trained steps|host syncs|HOST SYNC|bitwise|chunks|fid|Error|error" "$OUT/$name.txt" | tail -n 20 >> "$SUMMARY"
 }
 
 {
@@ -55,13 +59,13 @@ SAMPLE=(benchmarks/sample_throughput.py --device "$DEV" --configs "$CFG" --reps 
 step train_fp32 60 "$PY" "${TRAIN[@]}" --baseline
 step train_bf16 60 "$PY" "${TRAIN[@]}" --baseline --precision bf16
 if [ "$COMPILE_OK" = 1 ]; then
-  step train_bf16_compile 100 "$PY" "${TRAIN[@]}" --precision bf16 --compile
+  step train_bf16_compile 80 "$PY" "${TRAIN[@]}" --precision bf16 --compile
 fi
 # sampling: DDIM 20 steps (all four solvers in fp32), ours vs the original
 step sample_fp32 45 "$PY" "${SAMPLE[@]}"
 step sample_bf16 30 "$PY" "${SAMPLE[@]}" --solvers ddim --precision bf16
 if [ "$COMPILE_OK" = 1 ]; then
-  step sample_bf16_compile 70 "$PY" "${SAMPLE[@]}" --solvers ddim --precision bf16 --compile --no-baseline
+  step sample_bf16_compile 60 "$PY" "${SAMPLE[@]}" --solvers ddim --precision bf16 --compile --no-baseline
 fi
 # FID feature extraction (Inception-v3 at 299x299)
 step fid 25 "$PY" benchmarks/fid_throughput.py --device "$DEV" --n "$FIDN" --batch "$FIDB" --size "$FIDSIZE"
@@ -101,6 +105,9 @@ step torchrun_smoke 40 "$PY" -m torch.distributed.run --standalone --nproc-per-n
   -S train.checkpoint_every=20 -S "train.snapshot_steps=[]" -S train.devices="$DEVICES" -S train.precision=bf16
 if [ -f "$SMOKE/train_log.tsv" ]; then cp "$SMOKE/train_log.tsv" "$OUT/torchrun_train_log.tsv"; fi
 rm -rf "$SMOKE"
+
+# real scale: sampling streamed in chunks, a kill and a resume under torchrun, FID from the .npz
+step stream 240 bash benchmarks/stream_check.sh "$PY" "$CFG" "${STREAM[@]}"
 
 echo "done $(date -u)" >> "$SUMMARY"
 cat "$SUMMARY"

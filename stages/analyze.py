@@ -1,5 +1,5 @@
 """Stage `analyze`: the paper's evidence — x0 bias per timestep, colour shift vs sampling steps, and
-FID vs training steps (from the snapshots the train stage kept)."""
+FID vs training steps (from the snapshots the train stage kept) — on every visible GPU."""
 
 from dataclasses import replace
 
@@ -8,24 +8,28 @@ from debias.config import Config
 from debias.images import to_uint8
 from debias.metrics.features import load_reference
 from debias.models.factory import load_model
-from debias.pipeline import FIGURES, MODEL, PLOTS, REFERENCE_FEATURES, SNAPSHOTS, load_prepared, run_stage
+from debias.pipeline import FIGURES, MODEL, PLOTS, REFERENCE_FEATURES, SNAPSHOTS, load_prepared, on_devices, run_stage
+from debias.runtime import prepare_network
 
 
 def main(cfg: Config, args: list[str]) -> None:
     a, s, e = cfg.analyze, cfg.sample, cfg.eval
-    dataset = load_prepared()
-    n = min(a.num_images, len(dataset))
-    write_bias_analysis(load_model(MODEL, ema=s.ema), dataset.images[:n],
-                        None if dataset.labels is None else dataset.labels[:n], timesteps=a.timesteps, seed=a.seed,
-                        batch_size=s.batch_size, tsv=PLOTS / "x0_bias.tsv", png=FIGURES / "x0_bias.png")
-    color = replace(s, steps=a.color_steps, num_samples=a.color_samples, seed=a.seed)
-    write_color_analysis(MODEL, channel_means(to_uint8(dataset.images)), a.color_solver, color,
-                         tsv=PLOTS / "color_shift.tsv", png=FIGURES / "color_shift.png",
-                         grid_png=FIGURES / "color_grid.png")
-    fid = replace(s, steps=[a.fid_steps], num_samples=a.fid_samples, seed=a.seed)
-    write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_reference(REFERENCE_FEATURES), a.fid_solver, fid,
-                          eval_options=dict(weights=e.inception_weights, batch_size=e.batch_size, device=e.device),
-                          tsv=PLOTS / "fid_vs_train.tsv", png=FIGURES / "fid_vs_train.png")
+    with on_devices(a.device, __file__, args) as (_, device):
+        dataset = load_prepared()
+        n = min(a.num_images, len(dataset))
+        model = load_model(MODEL, ema=s.ema)
+        model.network = prepare_network(model.network, device)
+        write_bias_analysis(model, dataset.images[:n], None if dataset.labels is None else dataset.labels[:n],
+                            timesteps=a.timesteps, seed=a.seed, batch_size=s.batch_size, tsv=PLOTS / "x0_bias.tsv",
+                            png=FIGURES / "x0_bias.png", device=device)
+        color = replace(s, steps=a.color_steps, num_samples=a.color_samples, seed=a.seed)
+        write_color_analysis(MODEL, channel_means(to_uint8(dataset.images)), a.color_solver, color,
+                             tsv=PLOTS / "color_shift.tsv", png=FIGURES / "color_shift.png",
+                             grid_png=FIGURES / "color_grid.png", device=str(device))
+        fid = replace(s, steps=[a.fid_steps], num_samples=a.fid_samples, seed=a.seed)
+        write_fid_vs_training(sorted(SNAPSHOTS.glob("step_*.pt")), load_reference(REFERENCE_FEATURES), a.fid_solver,
+                              fid, eval_options=dict(weights=e.inception_weights, batch_size=e.batch_size),
+                              tsv=PLOTS / "fid_vs_train.tsv", png=FIGURES / "fid_vs_train.png", device=str(device))
 
 
 if __name__ == "__main__":

@@ -1,36 +1,43 @@
 """Stage `prepare`: the training set as a uint8 array, and the FID reference: Inception pool and sFID
 features of a fixed random subset of the training set (or of eval.reference), or the statistics an
-ADM reference batch holds instead of images."""
+ADM reference batch holds instead of images — on every visible GPU."""
 
 import torch
 
 from debias.config import Config
 from debias.data import load_dataset
 from debias.errors import DebiasError
-from debias.images import to_uint8
+from debias.images import ImageArray, to_uint8
 from debias.metrics.features import FeatureStats, extract, save_features
 from debias.metrics.inception import resolve_inception_weights
-from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, run_stage, save_prepared
+from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, on_devices, run_stage, save_prepared
 from debias.sources import image_source
 
 
 def main(cfg: Config, args: list[str]) -> None:
     e = cfg.eval
-    save_prepared(PREPARED, load_dataset(cfg.data))
-    reference = to_uint8(load_prepared(PREPARED).images) if e.reference is None else image_source(e.reference)
-    if isinstance(reference, FeatureStats):
-        reference.save(REFERENCE_FEATURES)
-        return
-    if not isinstance(reference, torch.Tensor):
-        raise DebiasError(f"eval.reference {e.reference}: give images or an ADM reference batch, not a features file")
-    if e.reference_images is not None and e.reference_images < len(reference):
-        pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[:e.reference_images]
-        reference = reference[pick.sort().values]
-    weights = resolve_inception_weights(e.inception_weights)
-    features = extract(reference, weights, ("2048", "spatial"), e.batch_size, e.device, None)
-    save_features(REFERENCE_FEATURES, features["2048"], {
-        "weights_sha256": weights.sha256, "weights_source": weights.source, "image_shape": list(reference.shape[1:]),
-        "dataset": e.reference or cfg.data.name, "count": len(reference)}, spatial=features["spatial"])
+    with on_devices(e.device, __file__, args) as (ranks, device):
+        if ranks.main:
+            save_prepared(PREPARED, load_dataset(cfg.data))
+        if ranks.world > 1:
+            torch.distributed.barrier()
+        reference = to_uint8(load_prepared(PREPARED).images) if e.reference is None else image_source(e.reference)
+        if isinstance(reference, FeatureStats):
+            if ranks.main:
+                reference.save(REFERENCE_FEATURES)
+            return
+        if not isinstance(reference, (torch.Tensor, ImageArray)):
+            raise DebiasError(f"eval.reference {e.reference}: give images or an ADM reference batch, not features")
+        if e.reference_images is not None and e.reference_images < len(reference):
+            pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[:e.reference_images]
+            reference = reference[pick.sort().values.tolist()]
+        weights = resolve_inception_weights(e.inception_weights)
+        features = extract(reference, weights, ("2048", "spatial"), e.batch_size, str(device), None)
+        shape = reference.image_shape if isinstance(reference, ImageArray) else reference.shape[1:]
+        if ranks.main:
+            save_features(REFERENCE_FEATURES, features["2048"], {
+                "weights_sha256": weights.sha256, "weights_source": weights.source, "image_shape": list(shape),
+                "dataset": e.reference or cfg.data.name, "count": len(reference)}, spatial=features["spatial"])
 
 
 if __name__ == "__main__":

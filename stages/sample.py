@@ -1,18 +1,25 @@
-"""Stage `sample@<solver>`: draw sample.num_samples images with one solver at every sample.steps."""
+"""Stage `sample@<solver>`: sample.num_samples images with one solver at every sample.steps, streamed
+to disk in chunks (chunks/<solver>/, from which a killed run resumes), on every visible GPU."""
 
 from debias.config import Config
 from debias.errors import DebiasError
-from debias.images import save_npz
-from debias.pipeline import MODEL, run_stage, samples_file
-from debias.sampling import sample_checkpoint
+from debias.pipeline import MODEL, chunks_dir, on_devices, run_stage, samples_file
+from debias.sampling import prepare_sampler
+from debias.streaming import clear_chunks, sample_to_file
 
 
 def main(cfg: Config, args: list[str]) -> None:
     if len(args) != 1:
         raise DebiasError("usage: stages/sample.py SOLVER")
-    solver = args[0]
-    for steps, images in sample_checkpoint(MODEL, solver, cfg.sample):
-        save_npz(images, samples_file(solver, steps))
+    solver, s = args[0], cfg.sample
+    with on_devices(s.device, __file__, args) as (ranks, device):
+        sampler = prepare_sampler(MODEL, solver, s, device=str(device))
+        for steps in s.steps:  # DVC deletes the outputs of a killed run; the chunks of each step count stay
+            sample_to_file(sampler, steps, samples_file(solver, steps), "npz", chunks_dir(solver, steps),
+                           s.chunk_size, keep_chunks=True)
+        if ranks.main:
+            for steps in s.steps:
+                clear_chunks(chunks_dir(solver, steps))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from sklearn.datasets import load_digits
 
 from debias.errors import DebiasError
 from debias.images import load_images
+from debias.io import file_sha256
 from debias.metrics import inception
-from debias.metrics.features import Features, FeatureStats, extract_features, load_features, save_features
+from debias.metrics.features import Features, FeatureStats, extract, extract_features, load_features, save_features
 from debias.metrics.inception import fid_helper_weights, resolve_inception_weights
 from debias.metrics.scores import compute_metrics, frechet_distance
 
@@ -115,6 +116,29 @@ def test_converted_weights_match_the_torchscript(weights):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 32, 32), (3, 1, 8, 8), (2, 3, 299, 299), (2, 3, 256, 200)])
+def test_fast_extractor_equals_torch_fidelity_within_1e5(weights, tmp_path, shape):
+    """The fast forward pass (matmul resize, folded BN, channels-last) against torch-fidelity's own
+    module: pool features, unbiased logits and the sFID features within 1e-5 relative."""
+    state = torch.load(weights.path, weights_only=True)
+    state["fc.weight"] = torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(1)) * 0.01
+    torch.save(state, tmp_path / "full.pth")
+    full = resolve_inception_weights(tmp_path / "full.pth")
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = extract(images, full, ("2048", "logits_unbiased", "spatial"), batch_size=2, device="cpu", progress=None)
+    reference = inception.fidelity_extractor(full.path, ("2048", "logits_unbiased"), "cpu")
+    caught = []
+    hook = reference.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, out: caught.append(out[:, :7]))
+    with torch.no_grad():
+        pool, logits = reference(images.expand(-1, 3, -1, -1))
+    hook.remove()
+    spatial = caught[0].permute(0, 2, 3, 1).flatten(1)
+    for layer, theirs in [("2048", pool), ("logits_unbiased", logits), ("spatial", spatial)]:
+        theirs = theirs.double()
+        assert ours[layer].shape == theirs.shape, layer
+        assert (ours[layer] - theirs).abs().max() <= 1e-5 * theirs.abs().max(), layer
+
+
 def test_conversion_is_cached(weights, monkeypatch):
     before = os.stat(weights.path).st_mtime_ns
     monkeypatch.setattr(inception, "fid_helper_state_dict", lambda path: pytest.fail("converted again"))
@@ -139,7 +163,7 @@ def test_torch_fidelity_cache_comes_before_fid_helper(weights, tmp_path, monkeyp
     cached.symlink_to(weights.path)
     found = resolve_inception_weights()
     assert (found.source, found.path, found.origin) == ("torch-fidelity-cache", cached, cached)
-    assert found.sha256 == inception.file_sha256(weights.path) != weights.sha256  # the converted file's own digest
+    assert found.sha256 == file_sha256(weights.path) != weights.sha256  # the converted file's own digest
 
 
 def test_inception_score_with_full_weights(weights, digits, tmp_path):

@@ -3,9 +3,13 @@ temporary git repository (seconds of training, a handful of samples)."""
 
 import json
 import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +24,9 @@ MICRO = {
     "diffusion": {"steps": 50},
     "train": {"steps": 12, "batch_size": 16, "checkpoint_every": 6, "snapshot_steps": [6, 12], "log_every": 3,
               "warmup_steps": 2},
-    "sample": {"num_samples": 8, "batch_size": 8, "steps": [2, 4], "solvers": ["ddim", "unipc"]},
-    "eval": {"kid_subset_size": 4, "reference_images": 8},
+    # 9 samples: not divisible by two processes, the chunk size or the batch size
+    "sample": {"num_samples": 9, "batch_size": 4, "chunk_size": 4, "steps": [2, 4], "solvers": ["ddim", "unipc"]},
+    "eval": {"kid_subset_size": 4, "reference_images": 8, "batch_size": 4},
     "analyze": {"num_images": 8, "timesteps": 3, "color_steps": [2, 3], "color_samples": 4, "fid_samples": 4,
                 "fid_steps": 2},
 }
@@ -29,8 +34,8 @@ MICRO = {
 pytestmark = pytest.mark.slow
 
 
-def run(args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+def run(args, cwd, check=True, threads=None):
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -92,6 +97,87 @@ def test_second_repro_is_a_no_op_and_steps_change_reruns_only_downstream(project
     assert would_run == {"sample@ddim", "sample@unipc", "evaluate@ddim", "evaluate@unipc", "report"}
     params["sample"]["steps"] = [2, 4]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def without_seconds(metrics: dict) -> dict:
+    return {**metrics, "by_steps": {k: {**v, "seconds": None} for k, v in metrics["by_steps"].items()},
+            "provenance": {**metrics["provenance"], "seconds": None}}
+
+
+def test_stages_under_torchrun_equal_one_process(project):
+    """prepare (its reference features), sample@ddim, evaluate@ddim and analyze under torchrun (2 gloo
+    processes) write bitwise the files of one process (one thread each, as torchrun gives its processes)."""
+    stages = [["prepare.py"], ["sample.py", "ddim"], ["evaluate.py", "ddim"], ["analyze.py"]]
+    exact = [project / "data" / "reference_features.npz", *[project / "samples" / "ddim" / f"steps_{n}.npz" for n in (2, 4)],
+             project / "metrics" / "ddim_vs_steps.tsv", *[project / "plots" / f"{name}.tsv" for name in
+                                                          ("x0_bias", "color_shift", "fid_vs_train")]]
+    metrics = project / "metrics" / "ddim.json"
+    kept = {path: path.read_bytes() for path in [*exact, metrics, *(project / "plots" / "figures").iterdir()]}
+    results = []
+    for launcher in ([sys.executable], TORCHRUN):
+        for stage in stages:
+            run([*launcher, f"stages/{stage[0]}", *stage[1:]], project, threads=1)
+        results.append(([path.read_bytes() if path.suffix == ".npz" else without_seconds_tsv(path) for path in exact],
+                        without_seconds(json.loads(metrics.read_text()))))
+    assert results[1] == results[0]
+    assert results[0][0][1:3] == [kept[path] for path in exact[1:3]]  # the samples are what `dvc repro` wrote
+    for path, data in kept.items():
+        path.write_bytes(data)
+    assert "Running stage" not in dvc("repro", "--dry", cwd=project).stdout
+
+
+def without_seconds_tsv(path: Path) -> list[list[str]]:
+    """A TSV's rows without its wall-clock columns."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if "seconds" not in name]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def test_sigkill_of_the_sample_stage_resumes_with_only_the_missing_chunks(project, tmp_path):
+    """The sample stage killed at random moments: every rerun samples exactly the chunks that are
+    missing (of every step count: the finished ones keep theirs until the stage ends), and the last
+    writes bitwise what an uninterrupted run writes."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sample"].update(num_samples=150, batch_size=10, chunk_size=10, steps=[2, 5])
+    runs = {}
+    for name in ("reference", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(project / "stages", runs[name] / "stages")
+        (runs[name] / "models").mkdir()
+        shutil.copy(project / "models" / "model.pt", runs[name] / "models")
+        (runs[name] / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    began = time.monotonic()
+    run([sys.executable, "stages/sample.py", "ddim"], runs["reference"], threads=1)
+    span = time.monotonic() - began
+    folder = runs["killed"]
+    everything = {f"{a:08d}-{min(a + 10, 150):08d}.npz" for a in range(0, 150, 10)}
+    line = re.compile(r"samples/ddim/steps_(\d+)\.npz: (\d+) of 15 chunks already sampled; sampling (.*)$", re.M)
+    rng, resumed = random.Random(1), 0
+    for attempt in range(8):
+        before = {n: {p.name for p in (folder / "chunks" / "ddim" / f"steps_{n}").glob("*.npz")} for n in (2, 5)}
+        proc = subprocess.Popen([sys.executable, "stages/sample.py", "ddim"], cwd=folder, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            _, log = proc.communicate(timeout=rng.uniform(0.3, 0.95) * span if attempt < 7 else 300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            _, log = proc.communicate()
+        for steps, found, sampling in line.findall(log):
+            assert int(found) == len(before[int(steps)]), log
+            missing = everything - before[int(steps)]
+            assert (set() if sampling == "none" else {f"{int(a):08d}-{int(b):08d}.npz" for a, b in
+                                                      (r.split("-") for r in sampling.split(", "))}) == missing
+            resumed += 1
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0 and resumed >= 1, "no kill landed mid-way"
+    for n in (2, 5):
+        name = Path("samples") / "ddim" / f"steps_{n}.npz"
+        assert (folder / name).read_bytes() == (runs["reference"] / name).read_bytes()
+        assert [p.name for p in (folder / "chunks" / "ddim" / f"steps_{n}").iterdir()] == ["settings.json"]
 
 
 def test_experiment_with_another_weighting(project):

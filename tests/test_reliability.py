@@ -99,9 +99,11 @@ def timed_run(cmd: list[str], timeout: float = 120) -> float:
 
 def assert_only_outputs_or_hidden_temps(folder: Path, *names: str) -> None:
     """Nothing but the declared outputs is visible in ``folder``; a killed writer can only leave a
-    hidden ``.NAME.*.tmp`` sibling (its temporary file), never a torn file under a declared name."""
+    hidden ``.NAME.*.tmp`` sibling (its temporary file) or, for `debias sample`, the hidden
+    ``.NAME.chunks`` folder it resumes from, never a torn file under a declared name."""
     for entry in folder.iterdir():
         assert entry.name in names or any(entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp")
+                                          or entry.name == f".{name}.chunks" and entry.is_dir()
                                           for name in names), entry
 
 

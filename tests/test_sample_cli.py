@@ -107,7 +107,7 @@ def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, case):
     elif case == "bad_option":
         args, words = args + ["--solver", "ddim", "--order", 2], ["order", "ddim"]
     elif case == "unknown_precision":
-        args, words = args + ["--precision", "int8"], ["unknown precision", "int8"]
+        args, words = args + ["--precision", "int8"], ["precision", "int8", "fp16"]
     elif case == "fp16_on_cpu":
         args, words = args + ["--precision", "fp16"], ["fp16 needs CUDA"]
     else:

@@ -22,6 +22,7 @@ from debias.io import write_tsv
 from debias.metrics.features import Features, FeatureStats
 from debias.metrics.scores import compute_metrics
 from debias.models.factory import DiffusionModel
+from debias.runtime import Ranks, gather_shards, shard_bounds
 from debias.sampling import sample_checkpoint
 from debias.samplers.denoiser import Denoiser
 
@@ -50,25 +51,35 @@ def evaluation_timesteps(num_timesteps: int, count: int) -> list[int]:
 
 @torch.inference_mode()
 def x0_bias_per_timestep(model: DiffusionModel, images: Tensor, timesteps: Sequence[int], seed: int = 0,
-                         batch_size: int = 256, labels: Tensor | None = None) -> list[BiasRow]:
+                         batch_size: int = 256, labels: Tensor | None = None,
+                         device: str | torch.device = "cpu") -> list[BiasRow]:
     """For real images x0 (N, C, H, W) in [-1, 1] and each t: noise them, predict x̂0 (unclipped), and
-    report the mean squared error and the signed mean error per channel (the bias) over all images."""
-    schedule, rows = model.schedule, []
+    report the mean squared error and the signed mean error per channel (the bias) over all images.
+
+    ``model.network`` runs on ``device``. Under ``torch.distributed`` every rank takes whole batches of
+    the images; the per-batch sums are gathered and added in batch order, as one process adds them, so
+    the result is bitwise one process's."""
+    schedule, rows, ranks = model.schedule, [], Ranks.current()
+    first, last = shard_bounds(len(images), ranks, unit=batch_size)
+    num_batches = -(-len(images) // batch_size)
     for t_value in timesteps:
         gen = torch.Generator().manual_seed(seed * 100_003 + int(t_value))
         noise = torch.randn(images.shape, generator=gen, dtype=images.dtype)
-        sq_sum = torch.zeros((), dtype=torch.float64)
-        err_sum = torch.zeros(images.shape[1], dtype=torch.float64)
-        for start in range(0, len(images), batch_size):
-            x0 = images[start:start + batch_size]
-            t = torch.full((len(x0),), int(t_value), dtype=torch.long)
-            xt = schedule.q_sample(x0, t, noise[start:start + batch_size])
-            y = None if labels is None else labels[start:start + batch_size]
+        partial = [torch.zeros(0, 1 + images.shape[1], dtype=torch.float64, device=device)]  # Σ err², Σ err per channel
+        for start in range(first, last, batch_size):
+            stop = min(start + batch_size, last)
+            x0 = images[start:stop].to(device)
+            t = torch.full((len(x0),), int(t_value), dtype=torch.long, device=device)
+            xt = schedule.q_sample(x0, t, noise[start:stop].to(device))
+            y = None if labels is None else labels[start:stop].to(device)
             denoiser = Denoiser(model.network, schedule, model.target, model.learn_sigma, clip_x0=False, labels=y)
             alpha, sigma = schedule.gather(schedule.alpha, t, xt), schedule.gather(schedule.sigma, t, xt)
-            err = (denoiser(xt, schedule.timestep_map[t], alpha, sigma).x0 - x0).double()
-            sq_sum += err.pow(2).sum()
-            err_sum += err.sum(dim=(0, 2, 3))
+            err = (denoiser(xt, schedule.timestep_map.to(device)[t], alpha, sigma).x0 - x0).double()
+            partial.append(torch.cat([err.pow(2).sum().reshape(1), err.sum(dim=(0, 2, 3))]).reshape(1, -1))
+        sums = torch.zeros(1 + images.shape[1], dtype=torch.float64)
+        for batch_sums in gather_shards(torch.cat(partial), num_batches, torch.device(device), ranks):
+            sums += batch_sums
+        sq_sum, err_sum = sums[0], sums[1:]
         per_channel = images.numel() / images.shape[1]
         rows.append(BiasRow(t=int(t_value), snr=float(schedule.snr[int(t_value)]),
                             mse=float(sq_sum / images.numel()), bias=(err_sum / per_channel).tolist()))
@@ -116,45 +127,51 @@ def shift_table(rows: Sequence[ShiftRow]) -> list[dict]:
 
 
 def write_bias_analysis(model: DiffusionModel, images: Tensor, labels: Tensor | None, *, timesteps: int, seed: int,
-                        batch_size: int, tsv: Path, png: Path) -> list[dict]:
-    """x̂0 error per timestep of a model on real images (N, C, H, W) in [-1, 1]: TSV + figure."""
+                        batch_size: int, tsv: Path, png: Path, device: str | torch.device = "cpu") -> list[dict]:
+    """x̂0 error per timestep of a model (its network on ``device``) on real images (N, C, H, W) in
+    [-1, 1]: TSV + figure, written by rank 0."""
     if labels is None and model.num_classes:
         raise DebiasError("the model is class-conditional; the images need labels")
     rows = x0_bias_per_timestep(model, images, evaluation_timesteps(model.schedule.num_timesteps, timesteps),
-                                seed=seed, batch_size=batch_size, labels=labels if model.num_classes else None)
+                                seed=seed, batch_size=batch_size, labels=labels if model.num_classes else None,
+                                device=device)
     table = bias_table(rows)
-    write_tsv(tsv, table)
-    ts = [r["t"] for r in table]
-    plot_lines(png, {"‖bias‖ (signed mean error)": (ts, [r["bias_norm"] for r in table]),
-                     "MSE": (ts, [r["mse"] for r in table])},
-               title=f"x̂0 error per timestep ({model.config.get('weighting')}, {model.target})", xlabel="t",
-               ylabel="x̂0 error", logy=True)
+    if Ranks.current().main:
+        write_tsv(tsv, table)
+        ts = [r["t"] for r in table]
+        plot_lines(png, {"‖bias‖ (signed mean error)": (ts, [r["bias_norm"] for r in table]),
+                         "MSE": (ts, [r["mse"] for r in table])},
+                   title=f"x̂0 error per timestep ({model.config.get('weighting')}, {model.target})", xlabel="t",
+                   ylabel="x̂0 error", logy=True)
     return table
 
 
 def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: SampleConfig, *, tsv: Path, png: Path,
-                         grid_png: Path) -> list[dict]:
+                         grid_png: Path, device: str = "cpu") -> list[dict]:
     """Colour shift vs sampling steps (``cfg.steps``), with the same seeds at every step count: TSV, curve
-    and the Figure-1-style grid (one row of the first 8 seeds per step count)."""
-    samples = dict(sample_checkpoint(checkpoint, solver, cfg))
+    and the Figure-1-style grid (one row of the first 8 seeds per step count), written by rank 0."""
+    samples = dict(sample_checkpoint(checkpoint, solver, cfg, device=device))
     table = shift_table(color_shift(samples, data_mean))
-    write_tsv(tsv, table)
-    plot_lines(png, {"‖mean shift‖": ([r["steps"] for r in table], [r["shift_norm"] for r in table])},
-               title=f"colour shift vs sampling steps ({solver})", xlabel="sampling steps",
-               ylabel="‖sample mean − data mean‖", logx=True)
-    save_sample_rows(grid_png, {f"{n} steps": images[:8] for n, images in samples.items()})
+    if Ranks.current().main:
+        write_tsv(tsv, table)
+        plot_lines(png, {"‖mean shift‖": ([r["steps"] for r in table], [r["shift_norm"] for r in table])},
+                   title=f"colour shift vs sampling steps ({solver})", xlabel="sampling steps",
+                   ylabel="‖sample mean − data mean‖", logx=True)
+        save_sample_rows(grid_png, {f"{n} steps": images[:8] for n, images in samples.items()})
     return table
 
 
 def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | FeatureStats, solver: str, cfg: SampleConfig, *,
-                          eval_options: dict, tsv: Path, png: Path) -> list[dict]:
-    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV + curve."""
+                          eval_options: dict, tsv: Path, png: Path, device: str = "cpu") -> list[dict]:
+    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV +
+    curve, written by rank 0."""
     rows = []
     for path in sorted(snapshots):
-        _, images = next(sample_checkpoint(path, solver, cfg))
-        result = compute_metrics(images, reference, metrics=("fid",), **eval_options)
+        _, images = next(sample_checkpoint(path, solver, cfg, device=device))
+        result = compute_metrics(images, reference, metrics=("fid",), device=device, **eval_options)
         rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
-    write_tsv(tsv, rows)
-    plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},
-               title=f"FID vs training ({solver}, {cfg.steps[0]} steps)", xlabel="training step", ylabel="FID")
+    if Ranks.current().main:
+        write_tsv(tsv, rows)
+        plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},
+                   title=f"FID vs training ({solver}, {cfg.steps[0]} steps)", xlabel="training step", ylabel="FID")
     return rows

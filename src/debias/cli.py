@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,6 +30,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, sample and score diffusion models with any target and loss weighting.")
 
 
+class _Stderr(logging.Handler):
+    """Log records on whatever ``sys.stderr`` is when they are emitted (Typer's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+@app.callback()
+def _setup() -> None:
+    """The library's notes (resumed runs, skipped snapshots) go to stderr, one line each."""
+    logger = logging.getLogger("debias")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def on_devices(devices: str) -> Iterator[tuple]:
+    """Run this command on ``devices``: with several visible GPUs (cuda/auto) relaunch it under torchrun,
+    one process per GPU, then join the process group; yields (ranks, this rank's device)."""
+    from debias.runtime import processes, relaunch_on_all_gpus
+
+    relaunch_on_all_gpus(devices, ["-m", "debias", *sys.argv[1:]])
+    with processes(devices) as (ranks, device):
+        yield ranks, device
+
+
 @contextlib.contextmanager
 def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr; yields the ``progress(done, total)`` callback the library takes."""
@@ -42,14 +72,17 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a command so that user errors become one line and exit code 2."""
+    """Decorate a command so that user errors become one line and exit code 2 (under torchrun every
+    rank exits so, rank 0 alone prints the line)."""
+    from debias.runtime import launched_as_main
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DebiasError as err:
-            typer.echo(f"error: {err}", err=True)
+            if launched_as_main():
+                typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -75,8 +108,6 @@ def train_command(params: Path = PARAMS_OPTION, set_: Optional[list[str]] = SET_
                   progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal.")) -> None:
     """Train one recipe (resumable). With train.devices cuda/auto it uses every visible GPU (DDP
     through torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
-    import sys
-
     from debias.runtime import relaunch_on_all_gpus
     from debias.train.loop import train
 
@@ -130,41 +161,48 @@ def sample_command(
     lower_order_final: Optional[int] = typer.Option(None, "--lower-order-final", help=f"DPM-Solver: runs of fewer steps lower their final orders (default {SAMPLE.lower_order_final}; 0 never)."),
     ema: bool = typer.Option(SAMPLE.ema, "--ema/--no-ema", help="Use the first EMA's weights (if the checkpoint has any)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help=f"Clip the predicted x0 to [-1, 1] at every step (default {SAMPLE.clip_x0})."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = typer.Option(SAMPLE.device, "--device", help="auto (every visible GPU, else the CPU), cpu, cuda or cuda:N."),
+    chunk_size: int = typer.Option(SAMPLE.chunk_size, "--chunk-size", help="Samples per chunk file: the unit of streaming and resuming."),
     precision: str = typer.Option(SAMPLE.precision, "--precision", help="fp32 (exact on CPU, TF32 matmuls on CUDA), bf16, or fp16 (CUDA): autocast for the network."),
     compile: bool = typer.Option(SAMPLE.compile, "--compile", help="torch.compile the network (warm-up: seconds to minutes)."),
 ) -> None:
-    """Sample images from a checkpoint with any solver."""
+    """Sample images from a checkpoint with any solver. Samples stream to disk in chunks (a hidden
+    ``.OUT.chunks`` folder beside the output, removed when done): a killed run resumes where it stopped.
+    With --device auto/cuda it uses every visible GPU (through torchrun)."""
     from dataclasses import replace
 
     from debias.images import read_noise
-    from debias.runtime import autocast_dtype, resolve_device
-    from debias.sampling import sample_checkpoint
+    from debias.runtime import autocast_dtype
+    from debias.sampling import prepare_sampler
+    from debias.streaming import remove_chunks, sample_to_file
 
-    write = writer_for(out, out_dir, format, float32)
+    path, kind = output_for(out, out_dir, format, float32)
     overrides = {k: v for k, v in dict(eta=eta, order=order, variant=variant, lower_order_final=lower_order_final,
                                        spacing=spacing, denoise_to_zero=denoise_to_zero, arithmetic=arithmetic,
                                        clip_x0=clip).items() if v is not None}
-    autocast_dtype(precision, resolve_device(device))
     noise = read_noise(init_noise) if init_noise is not None else None
     if noise is not None and num_samples is not None and num_samples > len(noise):
         raise DebiasError(f"--init-noise {init_noise} has {len(noise)} rows, fewer than -n {num_samples}")
     count = num_samples if num_samples is not None else len(noise) if noise is not None else SAMPLE.num_samples
     cfg = replace(SAMPLE, preset=preset, steps=[steps], num_samples=count, seed=seed, batch_size=batch_size, ema=ema,
-                  precision=precision, compile=compile)
-    with progress_bar(f"{solver} {steps} steps") as progress:
-        _, images = next(sample_checkpoint(checkpoint, solver, cfg, class_labels=class_label, init_noise=noise,
-                                           float32=float32, device=device, progress=progress, **overrides))
-    path = write(images)
-    typer.echo(f"{path}: {len(images)} samples ({solver}, {steps} steps, seed {seed})")
+                  precision=precision, compile=compile, device=device, chunk_size=chunk_size)
+    with on_devices(device) as (ranks, this_device):
+        autocast_dtype(precision, this_device)
+        sampler = prepare_sampler(checkpoint, solver, cfg, class_labels=class_label, init_noise=noise,
+                                  float32=float32, device=str(this_device), **overrides)
+        chunks = path.parent / f".{path.name}.chunks"
+        with progress_bar(f"{solver} {steps} steps") as progress:
+            sample_to_file(sampler, steps, path, kind, chunks, chunk_size, progress if ranks.main else None)
+        if ranks.main:
+            remove_chunks(chunks)
+            typer.echo(f"{path}: {count} samples ({solver}, {steps} steps, seed {seed})")
 
 
-def writer_for(out: Path | None, out_dir: Path | None, format: str = "debias",
-               float32: bool = False) -> Callable[[torch.Tensor], Path]:
-    """Validate ``--out`` / ``--out-dir`` / ``--format`` / ``--float32`` before any work and return
-    ``write(samples) -> path``: a ``.png`` grid, an ``.npz`` (debias or ADM layout, or float32), or a
-    folder of PNGs."""
-    from debias.images import check_output, save_adm_npz, save_float_npz, save_images, save_png_folder
+def output_for(out: Path | None, out_dir: Path | None, format: str = "debias", float32: bool = False) -> tuple[Path, str]:
+    """Validate ``--out`` / ``--out-dir`` / ``--format`` / ``--float32`` before any work: (path, kind of
+    output, one of :data:`debias.streaming.KINDS`) — a ``.png`` grid, an ``.npz`` (debias or ADM layout,
+    or float32), or a folder of PNGs."""
+    from debias.images import check_output
 
     if (out is None) == (out_dir is None):
         raise DebiasError("give exactly one of --out (a .png grid or .npz file) and --out-dir (a folder of PNGs)")
@@ -178,56 +216,49 @@ def writer_for(out: Path | None, out_dir: Path | None, format: str = "debias",
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise DebiasError(f"--out-dir {out_dir} exists and is not a folder")
-
-        def write_folder(images: torch.Tensor) -> Path:
-            save_png_folder(images, out_dir)
-            return out_dir
-
-        return write_folder
+        return out_dir, "folder"
     try:
         path = check_output(out)
     except DebiasError as err:
         raise DebiasError(f"--out {err}") from None
-    save = save_float_npz if float32 else save_adm_npz if format == "adm" else save_images
-
-    def write_file(samples: torch.Tensor) -> Path:
-        save(samples, path)
-        return path
-
-    return write_file
+    return path, "float32" if float32 else "adm" if format == "adm" else "npz" if npz else "png"
 
 
 @app.command("fid")
 @user_errors
 def fid_command(
     generated: str = typer.Argument(..., help="An .npz of uint8 images, an image folder, or a built-in dataset name."),
-    reference: str = typer.Argument(..., help="The same kinds, or a features .npz written by the prepare stage."),
-    metrics: list[str] = typer.Option(EVAL.metrics, "--metric", "-m", help="fid, kid, pr, isc (repeatable)."),
+    reference: str = typer.Argument(..., help="The same kinds, an ADM reference batch (arr_0, or mu/sigma statistics), or a features .npz of the prepare stage."),
+    metrics: list[str] = typer.Option(EVAL.metrics, "--metric", "-m", help="fid, sfid, kid, pr, isc (repeatable)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Inception weights file (default: offline standard weights)."),
     kid_subset_size: int = typer.Option(EVAL.kid_subset_size, "--kid-subset-size", help="KID subset size (<= both set sizes)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use at most N images of each side."),
     batch_size: int = typer.Option(EVAL.batch_size, "--batch-size", "-b"),
-    device: str = typer.Option(EVAL.device, "--device"),
+    device: str = typer.Option(EVAL.device, "--device", help="auto (every visible GPU, else the CPU), cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON here."),
 ) -> None:
-    """FID / KID / precision-recall between two image sets, offline."""
+    """FID / sFID / KID / precision-recall between two image sets, offline (.npz images are read batch by batch)."""
     from debias.io import write_json
     from debias.metrics.scores import compute_metrics
-    from debias.runtime import resolve_device
     from debias.sources import image_source
 
     gen = image_source(generated, max_images=max_images)
     ref = image_source(reference, like=gen, max_images=max_images)
-    with progress_bar("Inception features") as progress:
-        result = compute_metrics(gen, ref, weights=weights, metrics=metrics, kid_subset_size=kid_subset_size,
-                                 batch_size=batch_size, device=str(resolve_device(device)), progress=progress)
+    with on_devices(device) as (ranks, this_device):
+        with progress_bar("Inception features") as progress:
+            result = compute_metrics(gen, ref, weights=weights, metrics=metrics, kid_subset_size=kid_subset_size,
+                                     batch_size=batch_size, device=str(this_device),
+                                     progress=progress if ranks.main else None)
+    if not ranks.main:
+        return
     if out is not None:
         write_json(out, result)
     for key, value in result.items():
         if key != "provenance":
             typer.echo(f"{key:<10} {value:.6g}")
     p = result["provenance"]
-    typer.echo(f"({p['n_generated']} vs {p['n_reference']} images, {p['extractor']}, weights {p['weights_sha256'][:12]}…)")
+    reference_size = p["n_reference"] if p["n_reference"] is not None else "reference statistics"
+    typer.echo(f"({p['n_generated']} vs {reference_size} images, {p['extractor']}, weights {p['weights_sha256'][:12]}…)")
 
 
 @app.command("analyze")
@@ -244,25 +275,33 @@ def analyze_command(
     seed: int = typer.Option(ANALYZE.seed, "--seed"),
     batch_size: int = typer.Option(SAMPLE.batch_size, "--batch-size", "-b"),
     ema: bool = typer.Option(SAMPLE.ema, "--ema/--no-ema"),
+    device: str = typer.Option(ANALYZE.device, "--device", help="auto (every visible GPU, else the CPU), cpu, cuda or cuda:N."),
 ) -> None:
     """The paper's evidence for one model: x0 bias per timestep and colour shift vs sampling steps."""
     from dataclasses import replace
 
     from debias.analysis import channel_means, write_bias_analysis, write_color_analysis
-    from debias.images import from_uint8
+    from debias.images import ImageArray, from_uint8
     from debias.models.factory import load_model
+    from debias.runtime import prepare_network
     from debias.sources import image_source
 
     model = load_model(checkpoint, ema=ema)
     images = image_source(data, shape=model.image_shape[:2])
-    if not isinstance(images, torch.Tensor):
+    if not isinstance(images, (torch.Tensor, ImageArray)):
         raise DebiasError("--data must be images, not precomputed features")
-    write_bias_analysis(model, from_uint8(images[:num_images]), None, timesteps=timesteps, seed=seed,
-                        batch_size=batch_size, tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png")
-    cfg = replace(SAMPLE, steps=steps, num_samples=num_samples, seed=seed, batch_size=batch_size, ema=ema)
-    write_color_analysis(checkpoint, channel_means(images), solver, cfg, tsv=out_dir / "color_shift.tsv",
-                         png=out_dir / "color_shift.png", grid_png=out_dir / "color_grid.png")
-    typer.echo(f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")
+    images = images[:]
+    with on_devices(device) as (ranks, this_device):
+        model.network = prepare_network(model.network, this_device)
+        write_bias_analysis(model, from_uint8(images[:num_images]), None, timesteps=timesteps, seed=seed,
+                            batch_size=batch_size, tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png",
+                            device=this_device)
+        cfg = replace(SAMPLE, steps=steps, num_samples=num_samples, seed=seed, batch_size=batch_size, ema=ema)
+        write_color_analysis(checkpoint, channel_means(images), solver, cfg, tsv=out_dir / "color_shift.tsv",
+                             png=out_dir / "color_shift.png", grid_png=out_dir / "color_grid.png",
+                             device=str(this_device))
+    if ranks.main:
+        typer.echo(f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")
 
 
 @app.command("compare")

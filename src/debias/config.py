@@ -21,6 +21,7 @@ from debias.data import DATASETS
 from debias.diffusion.schedule import SCHEDULES
 from debias.diffusion.targets import TARGETS
 from debias.diffusion.weighting import WEIGHT_SPACES, WEIGHTINGS, WeightingParams
+from debias.metrics.extractor import BATCH_SIZE
 from debias.metrics.scores import METRICS
 from debias.runtime import DEVICES, PRECISIONS
 from debias.samplers import ARITHMETIC, OPTIONS, SOLVERS, option_problem
@@ -155,6 +156,8 @@ class SampleConfig:
     ema: bool = True                 # sample the first EMA's weights
     precision: str = "fp32"          # fp32 (TF32 matmuls on CUDA) | bf16 | fp16 (CUDA): autocast
     compile: bool = False
+    device: str = "auto"             # auto: every visible GPU (one process each), else the CPU
+    chunk_size: int = 1024           # samples per chunk file (the unit of streaming and of resuming)
 
     def __post_init__(self):
         require(len(self.solvers) >= 1, "sample.solvers", "must name at least one solver")
@@ -173,6 +176,8 @@ class SampleConfig:
             problem = option_problem(option, getattr(self, key))
             require(problem is None, f"sample.{key}", str(problem))
         one_of(self.precision, PRECISIONS, "sample.precision")
+        one_of(self.device, DEVICES, "sample.device")
+        require(self.chunk_size >= 1, "sample.chunk_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,8 @@ class EvalConfig:
     reference_images: int | None = 400    # use a fixed random subset of N reference images (null = all)
     kid_subset_size: int = 100
     pr_k: int = 3
-    batch_size: int = 64
-    device: str = "cpu"
+    batch_size: int = BATCH_SIZE  # images per Inception call
+    device: str = "auto"
 
     def __post_init__(self):
         for metric in self.metrics:
@@ -212,6 +217,7 @@ class AnalyzeConfig:
     fid_solver: str = "ddim"         # solver/steps used to score the training snapshots
     fid_steps: int = 20
     fid_samples: int = 64
+    device: str = "auto"
 
     def __post_init__(self):
         require(self.num_images >= 1, "analyze.num_images", "must be >= 1")
@@ -223,6 +229,7 @@ class AnalyzeConfig:
         require(self.color_samples >= 1, "analyze.color_samples", "must be >= 1")
         require(self.fid_steps >= 1, "analyze.fid_steps", "must be >= 1")
         require(self.fid_samples >= 2, "analyze.fid_samples", "must be >= 2")
+        one_of(self.device, DEVICES, "analyze.device")
 
 
 @dataclass(frozen=True)

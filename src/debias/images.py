@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from debias.errors import DebiasError
 from debias.io import atomic_write
+from debias.npz import members, open_member, write_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".npz")  # what save_images writes: a PNG grid, or the uint8 array
@@ -145,33 +145,62 @@ def read_folder(folder: Path) -> Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-def read_npz(path: Path) -> Tensor:
-    """The uint8 images (N, C, H, W) of an ``.npz`` file (never unpickling anything): its ``images``
-    (N, C, H, W), or the ``arr_0`` (N, H, W, C) of guided-diffusion's sample and reference batches."""
-    if not Path(path).is_file():
-        raise DebiasError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "images" in data.files:
-                arr = data["images"]
-            elif "arr_0" in data.files:
-                arr = data["arr_0"]
-                if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-                    raise DebiasError(f"{path}: arr_0 must be an ADM batch N x H x W x C with C = 1 or 3, "
-                                      f"got shape {arr.shape}")
-                arr = arr.transpose(0, 3, 1, 2)
-            else:
-                raise DebiasError(f"{path} has no 'images' or 'arr_0' array (found: {', '.join(data.files) or 'nothing'})")
-    except DebiasError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DebiasError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
-    return checked_images(np.ascontiguousarray(arr), str(path))
+class ImageArray:
+    """The uint8 images of an ``.npz``, read lazily: ``len``, ``image_shape`` (C, H, W), and
+    ``[index]`` → uint8 (n, C, H, W) tensors (copies of just those images, read from a memory map)."""
+
+    def __init__(self, array: np.ndarray, channels_last: bool, source: str):
+        self.array, self.channels_last, self.source = array, channels_last, source
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        n, *shape = self.array.shape
+        return (shape[2], shape[0], shape[1]) if self.channels_last else tuple(shape)
+
+    def head(self, n: int | None) -> ImageArray:
+        """The first ``n`` images (all for None), still unread."""
+        return ImageArray(self.array[:n], self.channels_last, self.source)
+
+    def __getitem__(self, index: slice | Sequence[int]) -> Tensor:
+        images = np.array(self.array[index])
+        return torch.from_numpy(images.transpose(0, 3, 1, 2).copy() if self.channels_last else images)
+
+
+def open_npz_images(path: str | Path) -> ImageArray:
+    """The images of an ``.npz`` file, checked from its header (nothing unpickled, no data read): its
+    ``images`` (N, C, H, W), or the ``arr_0`` (N, H, W, C) of guided-diffusion's sample and reference batches."""
+    arrays = members(path)
+    if "images" in arrays:
+        member, channels_last = arrays["images"], False
+    elif "arr_0" in arrays:
+        member, channels_last = arrays["arr_0"], True
+        if len(member.shape) != 4 or member.shape[-1] not in (1, 3):
+            raise DebiasError(f"{path}: arr_0 must be an ADM batch N x H x W x C with C = 1 or 3, "
+                              f"got shape {member.shape}")
+    else:
+        raise DebiasError(f"{path} has no 'images' or 'arr_0' array (found: {', '.join(arrays) or 'nothing'})")
+    if member.dtype != np.uint8:
+        raise DebiasError(f"{path}: images must be uint8, got {member.dtype}")
+    shape = member.shape if not channels_last else (*member.shape[:1], *member.shape[3:], *member.shape[1:3])
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise DebiasError(f"{path}: images must be N x C x H x W with C = 1 or 3, got shape {member.shape}")
+    if shape[0] == 0:
+        raise DebiasError(f"{path}: no images")
+    return ImageArray(open_member(path, member), channels_last, str(path))
+
+
+def read_npz(path: str | Path) -> Tensor:
+    """All the images of an ``.npz`` (see :func:`open_npz_images`) as one uint8 tensor (N, C, H, W)."""
+    images = open_npz_images(path)
+    return images[:]
 
 
 def load_images(source: ImageSource) -> Tensor:
-    """uint8 images (N, C, H, W), C ∈ {1, 3}, from an ``.npz`` (key ``images``), a folder of image
-    files (:func:`read_folder`) or an in-memory array/tensor."""
+    """uint8 images (N, C, H, W), C ∈ {1, 3}, from an ``.npz`` (:func:`open_npz_images`), a folder of
+    image files (:func:`read_folder`) or an in-memory array/tensor."""
     if isinstance(source, (np.ndarray, Tensor)):
         return checked_images(source, "image array")
     path = Path(source)
@@ -219,40 +248,28 @@ def save_png_folder(images: Tensor | np.ndarray, directory: str | Path, indices:
 
 def save_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
     """Save uint8 (N, C, H, W) images as ``images`` in an .npz file, atomically."""
-    arr = checked_images(images).numpy()
-    atomic_write(path, lambda f: np.savez(f, images=arr))
+    write_npz(path, {"images": checked_images(images).numpy()})
 
 
 def save_adm_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
     """Save uint8 (N, C, H, W) images as guided-diffusion's sample batches do: ``arr_0`` uint8 (N, H, W, C)."""
-    arr = checked_images(images).numpy().transpose(0, 2, 3, 1)
-    atomic_write(path, lambda f: np.savez(f, arr_0=arr))
+    write_npz(path, {"arr_0": checked_images(images).numpy().transpose(0, 2, 3, 1)})
 
 
 def save_float_npz(samples: Tensor, path: str | Path) -> None:
     """Save unrounded float32 samples (N, C, H, W) as ``images`` in an .npz file, atomically."""
-    arr = samples.detach().cpu().float().numpy()
-    atomic_write(path, lambda f: np.savez(f, images=arr))
+    write_npz(path, {"images": samples.detach().cpu().float().numpy()})
 
 
 def read_noise(path: str | Path) -> Tensor:
     """The float32 array (N, C, H, W) of an ``.npz`` file: its only array, or the one named ``noise``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DebiasError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            names = data.files
-            if len(names) != 1 and "noise" not in names:
-                raise DebiasError(f"{path} must hold one array or one named 'noise' (found: {', '.join(names) or 'nothing'})")
-            arr = data["noise" if "noise" in names else names[0]]
-    except DebiasError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DebiasError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
-    if arr.dtype.kind != "f" or arr.ndim != 4:
-        raise DebiasError(f"{path}: the noise must be a float array N x C x H x W, got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr.astype(np.float32))
+    arrays = members(path)
+    if len(arrays) != 1 and "noise" not in arrays:
+        raise DebiasError(f"{path} must hold one array or one named 'noise' (found: {', '.join(arrays) or 'nothing'})")
+    member = arrays["noise"] if "noise" in arrays else next(iter(arrays.values()))
+    if member.dtype.kind != "f" or len(member.shape) != 4:
+        raise DebiasError(f"{path}: the noise must be a float array N x C x H x W, got {member.dtype} {member.shape}")
+    return torch.from_numpy(np.array(open_member(path, member), dtype=np.float32))
 
 
 def check_output(path: str | Path) -> Path:

@@ -8,6 +8,8 @@ and two concurrent writers cannot interleave.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import json
 import os
@@ -66,3 +68,26 @@ def parse_tsv(lines: Iterable[str]) -> list[dict]:
             return v
 
     return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(lines, delimiter="\t")]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, memoised on (path, size, mtime)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_sha256(tensor: Any) -> str:
+    """Hex sha256 of a tensor's dtype, shape and bytes."""
+    array = tensor.detach().cpu().contiguous().numpy()
+    digest = hashlib.sha256(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()

@@ -6,9 +6,10 @@ that dvc.yaml declares (under these paths, relative to the repository root).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,13 @@ from debias.data import ImageDataset
 from debias.errors import DebiasError
 from debias.images import from_uint8, to_uint8
 from debias.io import atomic_write
+from debias.runtime import Ranks, launched_as_main, processes, relaunch_on_all_gpus
 
 PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared.npz")
 REFERENCE_FEATURES = Path("data/reference_features.npz")
 CHECKPOINTS = Path("checkpoints")
+CHUNKS = Path("chunks")
 MODEL = Path("models/model.pt")
 SNAPSHOTS = Path("models/snapshots")
 LOGS = Path("logs")
@@ -57,11 +60,27 @@ def load_prepared(path: Path = PREPARED) -> ImageDataset:
     return ImageDataset(images=images, labels=labels, num_classes=num_classes)
 
 
+def chunks_dir(solver: str, steps: int) -> Path:
+    """The chunk folder of ``sample@<solver>`` at one step count (a persistent out: runs resume from it)."""
+    return CHUNKS / solver / f"steps_{steps}"
+
+
+@contextlib.contextmanager
+def on_devices(devices: str, script: str, args: list[str]) -> Iterator[tuple[Ranks, torch.device]]:
+    """Run a stage on ``devices``: with several visible GPUs (cuda/auto) relaunch ``script args`` under
+    torchrun, one process per GPU; then join the process group and yield (ranks, this rank's device)."""
+    relaunch_on_all_gpus(devices, [script, *args])
+    with processes(devices) as (ranks, device):
+        yield ranks, device
+
+
 def run_stage(main: Callable[[Config, list[str]], None]) -> None:
-    """Run a stage on params.yaml; a :class:`DebiasError` becomes one line and exit code 2."""
+    """Run a stage on params.yaml; a :class:`DebiasError` becomes one line (from rank 0 under torchrun)
+    and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(load_config(PARAMS), sys.argv[1:])
     except DebiasError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if launched_as_main():
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -143,6 +143,11 @@ class Ranks:
         return cls()
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of its torchrun job (or no torchrun job): the one that reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def processes(devices: str) -> Iterator[tuple[Ranks, torch.device]]:
     """This process's ranks and device. Under torchrun (``WORLD_SIZE`` > 1) it joins the process group
@@ -165,27 +170,35 @@ def processes(devices: str) -> Iterator[tuple[Ranks, torch.device]]:
             dist.destroy_process_group()
 
 
-def shard_sizes(n: int, world: int) -> list[int]:
-    """Balanced shard sizes of n items over ``world`` ranks (the first n mod world get one more)."""
-    base, extra = divmod(n, world)
-    return [base + (rank < extra) for rank in range(world)]
+def shard_sizes(n: int, world: int, unit: int = 1) -> list[int]:
+    """Balanced shard sizes of n items over ``world`` ranks, in whole ``unit``s of items (the last unit
+    may be short): the first ceil(n / unit) mod world ranks get one unit more."""
+    units, last = -(-n // unit), n % unit or unit
+    base, extra = divmod(units, world)
+    counts = [base + (rank < extra) for rank in range(world)]
+    sizes = [count * unit for count in counts]
+    if units:
+        sizes[max(rank for rank, count in enumerate(counts) if count)] -= unit - last
+    return sizes
 
 
-def shard_bounds(n: int, ranks: Ranks | None = None) -> tuple[int, int]:
-    """[start, stop) of this rank's contiguous share of n items (everything for a single process)."""
+def shard_bounds(n: int, ranks: Ranks | None = None, unit: int = 1) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of n items (everything for a single process);
+    with ``unit`` the shares are made of whole batches ``[k*unit, (k+1)*unit)``, so that every rank
+    processes exactly the batches a single process would."""
     ranks = ranks or Ranks.current()
-    sizes = shard_sizes(n, ranks.world)
+    sizes = shard_sizes(n, ranks.world, unit)
     start = sum(sizes[:ranks.rank])
     return start, start + sizes[ranks.rank]
 
 
-def gather_shards(local: Tensor, n: int, device: torch.device, ranks: Ranks | None = None) -> Tensor:
-    """All ranks' shards (rows of ``local``, this rank's :func:`shard_bounds` of n) concatenated in
-    rank order, on the CPU; communicated on ``device`` (NCCL needs CUDA tensors)."""
+def gather_shards(local: Tensor, n: int, device: torch.device, ranks: Ranks | None = None, unit: int = 1) -> Tensor:
+    """All ranks' shards (rows of ``local``, this rank's :func:`shard_bounds` of n and ``unit``)
+    concatenated in rank order, on the CPU; communicated on ``device`` (NCCL needs CUDA tensors)."""
     ranks = ranks or Ranks.current()
     if ranks.world == 1:
         return local.cpu()
-    sizes = shard_sizes(n, ranks.world)
+    sizes = shard_sizes(n, ranks.world, unit)
     padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
     padded[:len(local)] = local
     parts = [torch.empty_like(padded) for _ in sizes]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from debias.config import SampleConfig
 from debias.errors import DebiasError
 from debias.images import to_uint8
+from debias.io import file_sha256, tensor_sha256
 from debias.models.factory import DiffusionModel, load_model
 from debias.runtime import autocast_dtype, gather_shards, inference_network, prepare_network, resolve_device, shard_bounds
 from debias.samplers import arithmetic_of, get_solver, sample, solver_grid, solver_options
@@ -45,37 +47,32 @@ def labels_for(indices: Sequence[int], seed: int, num_classes: int | None,
     return torch.tensor([class_labels[i % len(class_labels)] for i in indices], dtype=torch.int64)
 
 
-def generate(model: DiffusionModel, solver: str, steps: int, num_samples: int, seed: int, batch_size: int, *,
-             indices: Sequence[int] | None = None, class_labels: Sequence[int] | None = None, clip_x0: bool = True,
-             spacing: str | None = None, denoise_to_zero: bool = True, arithmetic: str = "debias",
-             init_noise: Tensor | None = None, float32: bool = False, device: str | torch.device = "cpu",
-             progress: Callable[[int, int], None] | None = None, **options) -> Tensor:
-    """Sample images with ``solver``; returns uint8 (N, C, H, W) on the CPU, in the order of ``indices``
-    (with ``float32``: the solver's final x as float32, before clamping and rounding).
+def sample_indices(model: DiffusionModel, solver: str, steps: int, indices: Sequence[int], seed: int,
+                   batch_size: int, *, class_labels: Sequence[int] | None = None, clip_x0: bool = True,
+                   spacing: str | None = None, denoise_to_zero: bool = True, arithmetic: str = "debias",
+                   init_noise: Tensor | None = None, float32: bool = False, device: str | torch.device = "cpu",
+                   progress: Callable[[int, int], None] | None = None, **options) -> Tensor:
+    """Samples ``indices`` in this process with ``solver``: uint8 (n, C, H, W) on the CPU (with ``float32``:
+    the solver's final x as float32, before clamping and rounding), in the order of ``indices``.
 
-    ``model.network`` (on ``device``) is called as ``network(x, t, y)``; ``indices`` are the sample
-    indices to make (default ``range(num_samples)``). The grid: ``spacing`` (None: the solver's
-    default) and ``denoise_to_zero`` (:func:`debias.samplers.grid.make_grid`); ``arithmetic``: see
-    :func:`debias.samplers.arithmetic_of` (the attention arithmetic is the network's); ``options`` are the
-    solver's (:data:`debias.samplers.SOLVERS`). ``init_noise`` (M, C, H, W), if given, is x_T of sample i
-    at row i (instead of its own first draw). Labels: given ``class_labels`` are cycled over sample
-    indices, else drawn per sample for a class-conditional model. ``progress(done, total)`` counts network
-    evaluations of this process over all its batches. Under ``torch.distributed`` every rank samples a
-    contiguous shard and the result is gathered, equal to a single process's.
+    ``model.network`` (on ``device``) is called as ``network(x, t, y)``. The grid: ``spacing`` (None:
+    the solver's default) and ``denoise_to_zero`` (:func:`debias.samplers.grid.make_grid`);
+    ``arithmetic``: :func:`debias.samplers.arithmetic_of` (the attention arithmetic is the network's);
+    ``options`` are the solver's (:data:`debias.samplers.SOLVERS`). ``init_noise`` (M, C, H, W), if
+    given, is x_T of sample i at row i (instead of its own first draw). Labels: given ``class_labels``
+    are cycled over sample indices, else drawn per sample for a class-conditional model.
+    ``progress(done, total)`` counts network evaluations over all batches.
     """
-    indices = [int(i) for i in (range(num_samples) if indices is None else indices)]
+    indices = [int(i) for i in indices]
     if batch_size < 1:
         raise DebiasError(f"batch size must be >= 1, got {batch_size}")
     solver_options(solver, options)
-    labels_for([], seed, model.num_classes, class_labels)  # validate on every rank before any work
+    labels_for([], seed, model.num_classes, class_labels)
     check_init_noise(init_noise, indices, model.image_shape)
     tables, formulas = arithmetic_of(solver, arithmetic)
     device = torch.device(device)
-    start, stop = shard_bounds(len(indices))
-    local = indices[start:stop]
-    batches = [local[i:i + batch_size] for i in range(0, len(local), batch_size)]
-    total = len(batches) * steps
-    samples = []
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    total, samples = len(batches) * steps, []
     for b, batch in enumerate(batches):
         noise = SampleNoise(seed, batch, model.image_shape, device)
         x_T = noise.draw()
@@ -87,10 +84,21 @@ def generate(model: DiffusionModel, solver: str, steps: int, num_samples: int, s
         report = None if progress is None else (lambda done, _n, b=b: progress(b * steps + done, total))
         x = sample(solver, denoiser, x_T, steps, spacing=spacing, denoise_to_zero=denoise_to_zero, tables=tables,
                    noise=noise, progress=report, **options)
-        samples.append(x.float() if float32 else to_uint8(x))
-    dtype = torch.float32 if float32 else torch.uint8
-    local_samples = torch.cat(samples) if samples else torch.zeros((0, *model.image_shape), dtype=dtype, device=device)
-    return gather_shards(local_samples, len(indices), device)
+        samples.append(x.float().cpu() if float32 else to_uint8(x).cpu())
+    if samples:
+        return torch.cat(samples)
+    return torch.zeros((0, *model.image_shape), dtype=torch.float32 if float32 else torch.uint8)
+
+
+def generate(model: DiffusionModel, solver: str, steps: int, num_samples: int, seed: int, batch_size: int, *,
+             indices: Sequence[int] | None = None, device: str | torch.device = "cpu", **kwargs) -> Tensor:
+    """:func:`sample_indices` of ``indices`` (default ``range(num_samples)``) shared out over the ranks of
+    an initialised ``torch.distributed`` group — whole batches each, gathered back in order, so the
+    result equals a single process's (sample i depends only on (seed, i))."""
+    indices = [int(i) for i in (range(num_samples) if indices is None else indices)]
+    start, stop = shard_bounds(len(indices), unit=batch_size)
+    local = sample_indices(model, solver, steps, indices[start:stop], seed, batch_size, device=device, **kwargs)
+    return gather_shards(local.to(device), len(indices), torch.device(device), unit=batch_size)
 
 
 def check_init_noise(init_noise: Tensor | None, indices: Sequence[int], image_shape: Sequence[int]) -> None:
@@ -121,18 +129,32 @@ def settings_for(solver: str, cfg: SampleConfig, overrides: dict) -> tuple[dict,
     return grid, solver_options(solver, settings)
 
 
-def sample_checkpoint(path: str | Path, solver: str, cfg: SampleConfig, *, class_labels: Sequence[int] | None = None,
-                      init_noise: Tensor | None = None, float32: bool = False, device: str = "cpu",
-                      progress: Callable[[int, int], None] | None = None,
-                      **overrides) -> Iterator[tuple[int, Tensor]]:
-    """(step count, samples (N, C, H, W)) for each of ``cfg.steps``, with the same seeds, from one load
-    (and one compilation) of a checkpoint's model: uint8, or with ``float32`` the unrounded samples.
+@dataclass
+class Sampler:
+    """A checkpoint's model loaded, checked and prepared for one solver and its settings: what
+    :meth:`samples` needs, and the :attr:`identity` of everything that determines the samples."""
 
-    Everything else comes from the sample params ``cfg`` — ``num_samples``, ``seed``, ``batch_size``,
-    ``ema``, ``precision``, ``compile`` and the grid and solver settings (:func:`settings_for`), which
-    ``overrides`` replace. Every problem a user can fix (unknown solver or option, too many steps, bad
-    labels or initial noise, a missing, corrupt or wrong-shape checkpoint) is a :class:`DebiasError`,
-    raised before any sampling; the generator then yields step count by step count.
+    model: DiffusionModel
+    solver: str
+    cfg: SampleConfig
+    kwargs: dict
+    identity: dict
+
+    def samples(self, steps: int, indices: Sequence[int], progress: Callable[[int, int], None] | None = None) -> Tensor:
+        """Samples ``indices`` at ``steps`` in this process (:func:`sample_indices`)."""
+        return sample_indices(self.model, self.solver, steps, indices, self.cfg.seed, self.cfg.batch_size,
+                              progress=progress, **self.kwargs)
+
+
+def prepare_sampler(path: str | Path, solver: str, cfg: SampleConfig, *, class_labels: Sequence[int] | None = None,
+                    init_noise: Tensor | None = None, float32: bool = False, device: str = "cpu",
+                    **overrides) -> Sampler:
+    """Load a checkpoint's model for ``solver`` with everything else from the sample params ``cfg`` —
+    ``num_samples``, ``seed``, ``batch_size``, ``ema``, ``precision``, ``compile`` and the grid and solver
+    settings (:func:`settings_for`), which ``overrides`` replace — on ``device`` (cpu, cuda, cuda:N, auto).
+
+    Every problem a user can fix (unknown solver or option, too many steps, bad labels or initial noise,
+    a missing, corrupt or wrong-shape checkpoint) is a :class:`DebiasError`, raised here, before any sampling.
     """
     settings, options = settings_for(solver, cfg, overrides)
     device = resolve_device(device)
@@ -152,10 +174,28 @@ def sample_checkpoint(path: str | Path, solver: str, cfg: SampleConfig, *, class
     network = prepare_network(model.network, device)
     model = dataclasses.replace(model, network=inference_network(network, device, compile=cfg.compile,
                                                                  precision=cfg.precision))
-    return _each_steps(model, solver, cfg, dict(class_labels=class_labels, init_noise=init_noise, float32=float32,
-                                                device=device, progress=progress, **settings, **options))
+    identity = {"checkpoint_sha256": file_sha256(Path(path)), "solver": solver, "seed": cfg.seed, "ema": cfg.ema,
+                "precision": cfg.precision, "compile": cfg.compile, "device": device.type, "float32": float32,
+                "class_labels": list(class_labels or []), "image_shape": list(model.image_shape),
+                "init_noise_sha256": None if init_noise is None else tensor_sha256(init_noise),
+                **settings, **options}
+    kwargs = dict(class_labels=class_labels, init_noise=init_noise, float32=float32, device=device, **settings,
+                  **options)
+    return Sampler(model, solver, cfg, kwargs, identity)
 
 
-def _each_steps(model: DiffusionModel, solver: str, cfg: SampleConfig, kwargs: dict) -> Iterator[tuple[int, Tensor]]:
+def sample_checkpoint(path: str | Path, solver: str, cfg: SampleConfig, *, progress: Callable[[int, int], None] | None = None,
+                      **kwargs) -> Iterator[tuple[int, Tensor]]:
+    """(step count, samples (N, C, H, W)) for each of ``cfg.steps``, with the same seeds, from one load
+    (and one compilation) of a checkpoint's model, held in memory (for files of any size and resumable
+    runs: :func:`debias.streaming.sample_to_file`); shared out over the ranks of a process group.
+    ``kwargs`` as :func:`prepare_sampler`'s; DebiasErrors are raised before the first sample."""
+    sampler = prepare_sampler(path, solver, cfg, **kwargs)
+    return _each_steps(sampler, progress)
+
+
+def _each_steps(sampler: Sampler, progress: Callable[[int, int], None] | None) -> Iterator[tuple[int, Tensor]]:
+    cfg = sampler.cfg
     for n in cfg.steps:
-        yield n, generate(model, solver, n, cfg.num_samples, cfg.seed, cfg.batch_size, **kwargs)
+        yield n, generate(sampler.model, sampler.solver, n, cfg.num_samples, cfg.seed, cfg.batch_size,
+                          progress=progress, **sampler.kwargs)

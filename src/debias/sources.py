@@ -12,7 +12,7 @@ import torch
 from debias.config import DataConfig
 from debias.data import DATASETS, load_dataset
 from debias.errors import DebiasError
-from debias.images import load_images, to_uint8
+from debias.images import ImageArray, load_images, open_npz_images, to_uint8
 from debias.metrics.features import Features, FeatureStats, load_features
 
 BUILTIN_SHAPES = {"digits": (1, 8), "twemoji": (3, 32)}  # (channels, image size) when nothing else says
@@ -27,9 +27,11 @@ def _npz_arrays(path: Path) -> set[str]:
         return set()
 
 
-def image_source(spec: str, like: torch.Tensor | Features | None = None, shape: tuple[int, int] | None = None,
-                 max_images: int | None = None) -> torch.Tensor | Features | FeatureStats:
-    """uint8 images (N, C, H, W), precomputed :class:`Features`, or FID statistics for ``spec``.
+def image_source(spec: str, like: torch.Tensor | ImageArray | Features | None = None,
+                 shape: tuple[int, int] | None = None,
+                 max_images: int | None = None) -> torch.Tensor | ImageArray | Features | FeatureStats:
+    """uint8 images (N, C, H, W) — a tensor, or for an ``.npz`` an unread :class:`ImageArray` —,
+    precomputed :class:`Features`, or FID statistics for ``spec``.
 
     An ``.npz`` may hold images (``images``, or an ADM batch's ``arr_0``), features (``features``, as
     the prepare stage writes) or only statistics (an ADM reference batch's ``mu``/``sigma``, optionally
@@ -45,10 +47,12 @@ def image_source(spec: str, like: torch.Tensor | Features | None = None, shape: 
             return load_features(path)
         if "mu" in arrays and not {"images", "arr_0"} & arrays:
             return FeatureStats.load(path)
+        if arrays:
+            return open_npz_images(path).head(max_images)
         return load_images(path)[:max_images]
     if spec in DATASETS and spec != "folder":
-        if shape is None and isinstance(like, torch.Tensor):
-            shape = (like.shape[1], like.shape[2])
+        if shape is None and isinstance(like, (torch.Tensor, ImageArray)):
+            shape = tuple(like.image_shape[:2]) if isinstance(like, ImageArray) else (like.shape[1], like.shape[2])
         channels, size = shape or BUILTIN_SHAPES[spec]
         data = DataConfig(name=spec, image_size=size, channels=channels, max_images=max_images)
         return to_uint8(load_dataset(data).images)

@@ -17,62 +17,54 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from debias.errors import DebiasError
-from debias.images import checked_images
+from debias.images import ImageArray, checked_images
 from debias.io import atomic_write
+from debias.metrics.extractor import BATCH_SIZE, exact_float32
 from debias.metrics.inception import LAYER_DIMS, InceptionWeights, extractor
 from debias.runtime import gather_shards, resolve_device, shard_bounds
 
 Progress = Callable[[int, int], None]
 
 
-class _RGBImages(Dataset):
-    """uint8 (N, C, H, W) images served as uint8 (3, H, W) tensors, grey repeated to RGB."""
-
-    def __init__(self, images: Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        image = self.images[i]
-        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
-
-
 def extract(
-    images: Tensor,
+    images: Tensor | ImageArray,
     weights: InceptionWeights,
     layers: tuple[str, ...],
     batch_size: int,
     device: str,
     progress: Progress | None,
 ) -> dict[str, Tensor]:
-    """float64 features {layer: (N, D)} of ``images`` uint8 (N, C, H, W); sharded over the ranks of an
-    initialised torch.distributed group and gathered back in order, so every rank gets all N rows.
+    """float64 features {layer: (N, D)} of ``images`` uint8 (N, C, H, W) — a tensor, or an
+    :class:`~debias.images.ImageArray` read batch by batch; sharded in whole batches over the ranks of
+    an initialised torch.distributed group and gathered back in order, so every rank gets the N rows a
+    single process computes, bit for bit.
 
     ``device``: cpu, cuda, cuda:N or auto. ``layers`` are torch-fidelity's (``2048``, ``logits_unbiased``) and ``spatial``: the ADM evaluator's
     sFID features, the first 7 channels of Mixed_6d's 1×1 branch (17×17) flattened in TensorFlow's
     (H, W, C) order, so that statistics compare with those of ADM reference batches.
     """
-    images = checked_images(images)
+    if not isinstance(images, ImageArray):
+        images = checked_images(images)
+    if batch_size < 1:
+        raise DebiasError(f"the batch size must be >= 1, got {batch_size}")
     device = str(resolve_device(device))
     n = len(images)
-    start, stop = shard_bounds(n)
+    start, stop = shard_bounds(n, unit=batch_size)  # the batches a single process would run
     network_layers = tuple(layer for layer in layers if layer != "spatial") or ("2048",)
     model = extractor(weights.path, network_layers, device)
     spatial: list[Tensor] = []  # the sFID features of the current batch, caught on their way through the network
     hook = model.Mixed_6d.branch1x1.register_forward_hook(
         lambda module, args, out: spatial.append(out[:, :7].permute(0, 2, 3, 1).flatten(1).to("cpu", torch.float64))
     ) if "spatial" in layers else None
-    loader = DataLoader(_RGBImages(images[start:stop]), batch_size=batch_size, num_workers=0)
     outputs = {layer: [torch.empty(0, LAYER_DIMS[layer], dtype=torch.float64)] for layer in layers}
     done = 0
     try:
-        with torch.no_grad():
-            for batch in loader:
+        with torch.inference_mode(), exact_float32(torch.device(device)):
+            for first in range(start, stop, batch_size):
+                batch = images[first:min(first + batch_size, stop)]  # uint8 (b, C, H, W), grey repeated to RGB
+                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
                 for layer, value in zip(network_layers, model(batch.to(device))):
                     if layer in outputs:
                         outputs[layer].append(value.to("cpu", torch.float64))
@@ -84,13 +76,14 @@ def extract(
     finally:
         if hook is not None:
             hook.remove()
-    return {layer: gather_shards(torch.cat(values), n, torch.device(device)) for layer, values in outputs.items()}
+    return {layer: gather_shards(torch.cat(values), n, torch.device(device), unit=batch_size)
+            for layer, values in outputs.items()}
 
 
 def extract_features(
     images: Tensor,
     weights: InceptionWeights,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> Tensor:

@@ -1,4 +1,4 @@
-"""The Inception-v3 of FID: its weights, resolved offline, and torch-fidelity's extractor module.
+"""The Inception-v3 of FID: its weights, resolved offline, and the extractor module (torch-fidelity's, made fast).
 
 Weights are resolved without ever touching the network (:func:`resolve_inception_weights`): an
 explicit file, else torch-fidelity's own cached download, else the TorchScript Inception shipped
@@ -10,7 +10,6 @@ used (it costs a second of start-up).
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -24,7 +23,8 @@ import torch
 from torch import Tensor
 
 from debias.errors import DebiasError
-from debias.io import atomic_write
+from debias.io import atomic_write, file_sha256
+from debias.metrics.extractor import FastInception
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_DIM = 2048
@@ -104,21 +104,6 @@ def _weights_from(origin: Path, source: WeightsSource) -> InceptionWeights:
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise DebiasError(f"{origin} is not a torch-fidelity Inception-v3 state dict (no fc.weight)")
     return InceptionWeights(origin, digest, source, has_logits=bool(state["fc.weight"].any()), origin=origin)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, memoised on (path, size, mtime)."""
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -209,9 +194,8 @@ def convert_fid_helper_weights(torchscript: Path, sha256: str) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=1)
-def extractor(path: Path, layers: tuple[str, ...], device: str) -> torch.nn.Module:
-    """torch-fidelity's ``inception-v3-compat`` module with the state dict at ``path``, on ``device``,
+def fidelity_extractor(path: Path, layers: tuple[str, ...], device: str) -> torch.nn.Module:
+    """torch-fidelity's own ``inception-v3-compat`` module with the state dict at ``path``, on ``device``,
     returning the requested ``layers`` (e.g. ``("2048",)``: the pool features)."""
     from torch_fidelity.utils import create_feature_extractor
 
@@ -223,3 +207,10 @@ def extractor(path: Path, layers: tuple[str, ...], device: str) -> torch.nn.Modu
         first_line = str(e).splitlines()[0]
         raise DebiasError(f"{path} is not a torch-fidelity Inception-v3 state dict: {first_line}") from e
     return model.to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def extractor(path: Path, layers: tuple[str, ...], device: str) -> torch.nn.Module:
+    """The extractor features are computed with: torch-fidelity's module made fast
+    (:class:`~debias.metrics.extractor.FastInception`, the same features up to float rounding)."""
+    return FastInception(fidelity_extractor(path, layers, "cpu"), layers).to(device)

@@ -18,12 +18,13 @@ import numpy as np
 from torch import Tensor
 
 from debias.errors import DebiasError
-from debias.images import ImageSource, load_images
+from debias.images import ImageArray, ImageSource, load_images
+from debias.metrics.extractor import BATCH_SIZE
 from debias.metrics.features import Features, FeatureStats, Progress, extract
 from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, SPATIAL_DIM, InceptionWeights, resolve_inception_weights
 
 METRICS = ("fid", "sfid", "kid", "pr", "isc")
-Source = Union[Tensor, Features, FeatureStats]
+Source = Union[Tensor, ImageArray, Features, FeatureStats]
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def _image_shape(source: Source) -> tuple[int, ...] | None:
     if isinstance(source, Features):
         shape = source.meta.get("image_shape")
         return tuple(shape) if shape is not None else None
-    return tuple(source.shape[1:])
+    return tuple(source.image_shape) if isinstance(source, ImageArray) else tuple(source.shape[1:])
 
 
 def _width(source: Source) -> int:
@@ -136,14 +137,14 @@ def _check_compatible(generated: Source, reference: Source, sha256: str) -> None
 
 
 def compute_metrics(
-    generated: ImageSource | Features,
-    reference: ImageSource | Features | FeatureStats,
+    generated: ImageSource | ImageArray | Features,
+    reference: ImageSource | ImageArray | Features | FeatureStats,
     weights: str | os.PathLike | InceptionWeights | None = None,
     metrics: Sequence[str] = ("fid", "kid", "pr"),
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     pr_k: int = 3,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     device: str = "cpu",
     seed: int = 0,
     progress: Progress | None = None,
@@ -163,14 +164,14 @@ def compute_metrics(
     started = time.perf_counter()
     if not isinstance(weights, InceptionWeights):
         weights = resolve_inception_weights(weights)
-    gen = generated if isinstance(generated, Features) else load_images(generated)
-    ref = reference if isinstance(reference, (Features, FeatureStats)) else load_images(reference)
+    gen = generated if isinstance(generated, (Features, ImageArray)) else load_images(generated)
+    ref = reference if isinstance(reference, (Features, FeatureStats, ImageArray)) else load_images(reference)
     _check_request(metrics, gen, ref, weights, kid_subset_size, pr_k)
     _check_compatible(gen, ref, weights.sha256)
 
-    total, offset = sum(len(s) for s in (gen, ref) if isinstance(s, Tensor)), 0
+    total, offset = sum(len(s) for s in (gen, ref) if isinstance(s, (Tensor, ImageArray))), 0
 
-    def features_of(source: Tensor | Features, layers: tuple[str, ...]) -> dict[str, Tensor]:
+    def features_of(source: Tensor | ImageArray | Features, layers: tuple[str, ...]) -> dict[str, Tensor]:
         nonlocal offset
         if isinstance(source, Features):
             return {"2048": source.values, "spatial": source.spatial}

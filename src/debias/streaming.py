@@ -1,0 +1,158 @@
+"""Sampling to a file in chunks: bounded memory at any N, resumable after a kill, shared over processes.
+
+The N samples of a run are cut into chunks of ``chunk_size`` indices. Each finished chunk is written
+atomically as ``<start>-<stop>.npz`` into a chunk folder beside a ``settings.json`` that records
+everything that determines the samples (the ``identity`` of :class:`debias.sampling.Sampler`: the checkpoint's
+digest, solver, steps, seed, grid, options, precision, …, not the batch size or the number of
+processes, which do not change a sample). A rerun with the same settings samples only the missing
+chunks; with other settings the old chunks are deleted first, never mixed in. The output is then
+assembled from the chunks as a stream (:func:`debias.npz.write_npz`) and the chunk files removed.
+
+Under torchrun every rank samples its share of the missing chunks and writes them itself (nothing is
+gathered in memory); rank 0 assembles the output once all are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from debias.errors import DebiasError
+from debias.images import save_png_folder, save_png_grid
+from debias.io import write_json
+from debias.npz import Stream, members, open_member, write_npz
+from debias.runtime import Ranks, on_main
+from debias.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+SETTINGS = "settings.json"
+# what an output file holds: the debias layout, guided-diffusion's batch layout, unrounded float32
+KINDS = ("npz", "adm", "float32", "png", "folder")
+
+
+def chunk_name(start: int, stop: int) -> str:
+    return f"{start:08d}-{stop:08d}.npz"
+
+
+class ChunkStore:
+    """The chunk folder of one run of ``total`` samples (see the module docstring)."""
+
+    def __init__(self, folder: Path, settings: dict, total: int, chunk_size: int):
+        if chunk_size < 1:
+            raise DebiasError(f"the chunk size must be >= 1, got {chunk_size}")
+        self.folder, self.settings, self.total = Path(folder), settings, total
+        self.ranges = [range(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
+
+    def path(self, r: range) -> Path:
+        return self.folder / chunk_name(r.start, r.stop)
+
+    def _complete(self, r: range) -> bool:
+        """The chunk file exists and holds the right number of samples (else it is sampled again)."""
+        try:
+            member = members(self.path(r)).get("samples")
+        except DebiasError:
+            return False
+        return member is not None and member.shape[0] == len(r)
+
+    def prepare(self) -> list[tuple[int, int]]:
+        """Start or resume: the (start, stop) of every chunk still to sample. Chunks of other settings
+        are deleted; so are leftovers of a killed writer."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        recorded = self.folder / SETTINGS
+        try:
+            same = json.loads(recorded.read_text()) == self.settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            for old in self.folder.glob("*.npz"):
+                old.unlink()
+            write_json(recorded, self.settings)
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return [(r.start, r.stop) for r in self.ranges if not self._complete(r)]
+
+    def save(self, r: range, samples: np.ndarray) -> None:
+        write_npz(self.path(r), {"samples": samples})
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Every chunk's samples, in order (one chunk in memory at a time)."""
+        for r in self.ranges:
+            member = members(self.path(r))["samples"]
+            yield np.array(open_member(self.path(r), member))
+
+
+def assemble(store: ChunkStore, out: Path, kind: str, shape: tuple[int, ...]) -> None:
+    """Write the output of ``kind`` from the chunks: streamed into an ``.npz`` (or the PNGs of a folder);
+    a PNG grid needs all images at once."""
+    n = store.total
+    if kind == "npz":
+        write_npz(out, {"images": Stream((n, *shape), np.dtype(np.uint8), store.blocks())})
+    elif kind == "adm":
+        blocks = (block.transpose(0, 2, 3, 1) for block in store.blocks())
+        write_npz(out, {"arr_0": Stream((n, *shape[1:], shape[0]), np.dtype(np.uint8), blocks)})
+    elif kind == "float32":
+        write_npz(out, {"images": Stream((n, *shape), np.dtype(np.float32), store.blocks())})
+    elif kind == "folder":
+        for r, block in zip(store.ranges, store.blocks()):
+            save_png_folder(block, out, indices=r)
+    elif kind == "png":
+        save_png_grid(np.concatenate(list(store.blocks())), out)
+    else:
+        raise ValueError(f"unknown output kind {kind!r}")
+
+
+def sample_to_file(sampler: Sampler, steps: int, out: Path, kind: str, chunk_dir: Path, chunk_size: int,
+                   progress: Callable[[int, int], None] | None = None, keep_chunks: bool = False) -> int:
+    """Sample ``sampler.cfg.num_samples`` images at ``steps`` into ``out`` (of ``kind``, see :data:`KINDS`)
+    through the chunk folder ``chunk_dir``; returns the number of chunks sampled by this call (all ranks).
+
+    ``progress(done, total)`` counts this process's network evaluations. Every rank of a process
+    group calls this; rank 0 writes ``out``, then deletes the chunk files unless ``keep_chunks`` (a job
+    that writes several outputs keeps them until all are written: a kill during the last one must not
+    cost the others; :func:`clear_chunks`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    cfg, ranks = sampler.cfg, Ranks.current()
+    settings = {**sampler.identity, "steps": steps, "num_samples": cfg.num_samples, "chunk_size": chunk_size,
+                "kind": "float32" if kind == "float32" else "uint8"}
+    store = ChunkStore(chunk_dir, settings, cfg.num_samples, chunk_size)
+    missing = on_main(store.prepare, ranks)
+    done = len(store.ranges) - len(missing)
+    if ranks.main and done:
+        log.info("%s: %d of %d chunks already sampled; sampling %s", out, done, len(store.ranges),
+                 ", ".join(f"{a}-{b}" for a, b in missing) or "none")
+    mine = [range(a, b) for a, b in missing[ranks.rank::ranks.world]]
+    total = sum(len(r) for r in mine) * steps
+    finished = 0
+    for r in mine:
+        report = None if progress is None else (lambda calls, _n, base=finished: progress(base + calls, total))
+        store.save(r, sampler.samples(steps, list(r), report).numpy())
+        finished += len(r) * steps
+    if ranks.world > 1:
+        dist.barrier()
+    if ranks.main:
+        assemble(store, out, kind, tuple(sampler.model.image_shape))
+        if not keep_chunks:
+            clear_chunks(chunk_dir)
+    if ranks.world > 1:
+        dist.barrier()
+    return len(missing)
+
+
+def clear_chunks(chunk_dir: Path) -> None:
+    """Delete the chunk files of a folder, keeping its recorded settings (the folder stays, as a DVC out)."""
+    for chunk in Path(chunk_dir).glob("*.npz"):
+        chunk.unlink(missing_ok=True)
+
+
+def remove_chunks(chunk_dir: Path) -> None:
+    """Delete a chunk folder (nothing to resume)."""
+    shutil.rmtree(chunk_dir, ignore_errors=True)
