@@ -11,7 +11,8 @@ from debias.images import ImageArray, to_uint8
 from debias.metrics.features import FeatureStats, extract, save_features
 from debias.metrics.inception import resolve_inception_weights
 from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, on_devices, run_stage, save_prepared
-from debias.sources import image_source
+from debias.progress import Progress
+from debias.sources import fid_reference
 
 
 def main(cfg: Config, args: list[str]) -> None:
@@ -21,18 +22,16 @@ def main(cfg: Config, args: list[str]) -> None:
             save_prepared(PREPARED, load_dataset(cfg.data))
         if ranks.world > 1:
             torch.distributed.barrier()
-        reference = to_uint8(load_prepared(PREPARED).images) if e.reference is None else image_source(e.reference)
+        reference = fid_reference(e, lambda: to_uint8(load_prepared(PREPARED).images))
         if isinstance(reference, FeatureStats):
             if ranks.main:
                 reference.save(REFERENCE_FEATURES)
             return
         if not isinstance(reference, (torch.Tensor, ImageArray)):
             raise DebiasError(f"eval.reference {e.reference}: give images or an ADM reference batch, not features")
-        if e.reference_images is not None and e.reference_images < len(reference):
-            pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[:e.reference_images]
-            reference = reference[pick.sort().values.tolist()]
         weights = resolve_inception_weights(e.inception_weights)
-        features = extract(reference, weights, ("2048", "spatial"), e.batch_size, str(device), None)
+        with Progress("prepare: reference features", "images", enabled=ranks.main) as progress:
+            features = extract(reference, weights, ("2048", "spatial"), e.batch_size, str(device), progress)
         shape = reference.image_shape if isinstance(reference, ImageArray) else reference.shape[1:]
         if ranks.main:
             save_features(REFERENCE_FEATURES, features["2048"], {

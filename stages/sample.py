@@ -4,6 +4,7 @@ to disk in chunks (chunks/<solver>/, from which a killed run resumes), on every 
 from debias.config import Config
 from debias.errors import DebiasError
 from debias.pipeline import MODEL, chunks_dir, on_devices, run_stage, samples_file
+from debias.progress import Progress
 from debias.sampling import prepare_sampler
 from debias.streaming import clear_chunks, sample_to_file
 
@@ -15,8 +16,9 @@ def main(cfg: Config, args: list[str]) -> None:
     with on_devices(s.device, __file__, args) as (ranks, device):
         sampler = prepare_sampler(MODEL, solver, s, device=str(device))
         for steps in s.steps:  # DVC deletes the outputs of a killed run; the chunks of each step count stay
-            sample_to_file(sampler, steps, samples_file(solver, steps), "npz", chunks_dir(solver, steps),
-                           s.chunk_size, keep_chunks=True)
+            with Progress(f"sample@{solver} {steps} steps", "image steps", enabled=ranks.main) as progress:
+                sample_to_file(sampler, steps, samples_file(solver, steps), "npz", chunks_dir(solver, steps),
+                               s.chunk_size, progress, keep_chunks=True)
         if ranks.main:
             for steps in s.steps:
                 clear_chunks(chunks_dir(solver, steps))

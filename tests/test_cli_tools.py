@@ -154,16 +154,20 @@ def test_analyze_command_writes_tables_and_figures(tmp_path):
 def test_compare_from_exp_show_json(tmp_path):
     def exp(name, weighting, fid):
         return {"name": name, "rev": "workspace", "data": {"rev": "workspace", "params": {"params.yaml": {"data": {
-            "weighting": weighting, "target": "eps"}}}, "metrics": {"metrics/ddim.json": {"data": {"fid": fid}}}}}
+            "weighting": weighting, "target": "eps"}}}, "metrics": {"metrics/ddim.json": {"data": {"ddim": {"fid": fid}}}}}}
 
+    # the workspace, the commit it ran at and an experiment repeating it are one recipe; the other is
+    # named by the param that sets it apart, not by its (random) experiment name
     table = [{"rev": "workspace", "name": None, "data": exp("ws", "debias", 10.0)["data"], "experiments": None},
-             {"rev": "abc", "name": "main", "data": {"rev": "abc", "params": {}, "metrics": {}},
-              "experiments": [{"name": "p2-run", "revs": [exp("p2-run", "p2", 12.5)]}]}]
+             {"rev": "abc", "name": "main", "data": {**exp("main", "debias", 10.0)["data"], "rev": "abc"},
+              "experiments": [{"name": "bulky-bans", "revs": [exp("bulky-bans", "p2", 12.5)]},
+                              {"name": "again", "revs": [exp("again", "debias", 10.0)]}]}]
     (tmp_path / "exp.json").write_text(json.dumps(table))
     result = cli("compare", "--exp-json", tmp_path / "exp.json", "--out-dir", tmp_path / "cmp")
     assert result.exit_code == 0, result.output
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| p2-run | p2 | eps | 12.500 |" in md and "debias" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| debias, eps | debias | eps | 10.000 |", "| weighting=p2 | p2 | eps | 12.500 |"]
     assert (tmp_path / "cmp" / "comparison.png").is_file()
     (tmp_path / "empty.json").write_text("[]")
     assert_one_line_error(cli("compare", "--exp-json", tmp_path / "empty.json"))

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "stages", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", "stages", ".gitignore"]
 
 MICRO = {
     "data": {"max_images": 48},
@@ -70,10 +71,14 @@ def project(tmp_path_factory):
 
 def test_repro_produces_every_declared_output(project):
     for solver in ("ddim", "unipc"):
-        metrics = json.loads((project / "metrics" / f"{solver}.json").read_text())
-        assert metrics["fid"] > 0 and set(metrics["by_steps"]) == {"2", "4"}
-        assert metrics["provenance"]["extractor"] == "inception-v3-compat"
-        assert len(metrics["provenance"]["weights_sha256"]) == 64
+        metrics = json.loads((project / "metrics" / f"{solver}.json").read_text())[solver]
+        assert set(metrics) == {"fid", "sfid", "kid", "precision", "recall"} and metrics["fid"] > 0
+        steps = [line.split("\t") for line in (project / "metrics" / f"{solver}_vs_steps.tsv").read_text().splitlines()]
+        assert [row[0] for row in steps] == ["steps", "2", "4"]
+        assert dict(zip(steps[0], steps[1]))["fid"] == repr(metrics["fid"])  # the headline: the first of sample.steps
+        provenance = json.loads((project / "metrics" / f"{solver}.provenance.json").read_text())
+        assert provenance["extractor"] == "inception-v3-compat" and provenance["headline_steps"] == 2
+        assert len(provenance["weights_sha256"]) == 64
         assert (project / "samples" / solver / "steps_4.npz").is_file()
         assert (project / "reports" / f"grid_{solver}.png").is_file()
     for name in ("x0_bias.tsv", "color_shift.tsv", "fid_vs_train.tsv", "figures/x0_bias.png", "figures/color_grid.png"):
@@ -102,9 +107,6 @@ def test_second_repro_is_a_no_op_and_steps_change_reruns_only_downstream(project
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def without_seconds(metrics: dict) -> dict:
-    return {**metrics, "by_steps": {k: {**v, "seconds": None} for k, v in metrics["by_steps"].items()},
-            "provenance": {**metrics["provenance"], "seconds": None}}
 
 
 def test_stages_under_torchrun_equal_one_process(project):
@@ -115,13 +117,14 @@ def test_stages_under_torchrun_equal_one_process(project):
              project / "metrics" / "ddim_vs_steps.tsv", *[project / "plots" / f"{name}.tsv" for name in
                                                           ("x0_bias", "color_shift", "fid_vs_train")]]
     metrics = project / "metrics" / "ddim.json"
-    kept = {path: path.read_bytes() for path in [*exact, metrics, *(project / "plots" / "figures").iterdir()]}
+    kept = {path: path.read_bytes() for path in [*exact, metrics, project / "metrics" / "ddim.provenance.json",
+                                                 *(project / "plots" / "figures").iterdir()]}
     results = []
     for launcher in ([sys.executable], TORCHRUN):
         for stage in stages:
             run([*launcher, f"stages/{stage[0]}", *stage[1:]], project, threads=1)
         results.append(([path.read_bytes() if path.suffix == ".npz" else without_seconds_tsv(path) for path in exact],
-                        without_seconds(json.loads(metrics.read_text()))))
+                        json.loads(metrics.read_text())))
     assert results[1] == results[0]
     assert results[0][0][1:3] == [kept[path] for path in exact[1:3]]  # the samples are what `dvc repro` wrote
     for path, data in kept.items():
@@ -190,4 +193,122 @@ def test_experiment_with_another_weighting(project):
     experiments = {e["name"]: e for e in experiments_from_exp_show(table)}
     assert "p2-run" in experiments
     assert experiments["p2-run"]["params"]["weighting"] == "p2"
-    assert experiments["p2-run"]["metrics"]["metrics/ddim.json"]["fid"] > 0
+    assert experiments["p2-run"]["metrics"]["metrics/ddim.json"]["ddim"]["fid"] > 0
+
+
+# ----------------------------------------------------------------------------- DVC and CLI conventions
+
+def test_exp_show_has_few_metric_columns_and_the_training_metrics(project):
+    table = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    metrics = table[0]["data"]["metrics"]
+    columns = [(path, key) for path, entry in metrics.items() for key in pd_flat(entry["data"])]
+    assert len(columns) <= 25, columns
+    assert {key for path, key in columns if path == "logs/dvclive/metrics.json"} == {"step", "loss", "mse",
+                                                                                    "images_per_s"}
+    assert metrics["logs/dvclive/metrics.json"]["data"]["step"] == MICRO["train"]["steps"]
+    assert {key for path, key in columns if path == "metrics/ddim.json"} == {
+        "ddim.fid", "ddim.sfid", "ddim.kid", "ddim.precision", "ddim.recall"}
+
+
+def pd_flat(d: dict, prefix: str = "") -> list[str]:
+    """The column names DVC makes of a nested metrics dict."""
+    return [name for key, value in d.items()
+            for name in (pd_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# no network: every host name fails to resolve and any proxied request goes nowhere
+OFFLINE_BROWSER = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                   "--hide-scrollbars", "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+                   "--virtual-time-budget=20000", "--window-size=900,3200"]
+# appended to a copy of the page: after drawing, record where each plot is and whether it holds a drawing
+PROBE = """<script>
+window.addEventListener("load", () => setTimeout(() => {
+  const boxes = [...document.querySelectorAll("body > div[id]")].map(div => {
+    const r = div.getBoundingClientRect();
+    return {id: div.id, drawn: div.querySelectorAll("canvas, svg").length,
+            x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height};
+  });
+  const pre = document.createElement("pre");
+  pre.id = "probe"; pre.style.display = "none"; pre.textContent = JSON.stringify(boxes);
+  document.body.appendChild(pre);
+}, 2000));
+</script>
+"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_dvc_plots_show_draws_every_declared_plot_offline_in_chromium(project, tmp_path):
+    """`dvc plots show` writes a page that draws each of dvc.yaml's plots with no network: each plot's
+    area in a headless Chromium screenshot holds axes and a coloured data line."""
+    from PIL import Image
+
+    dvc("plots", "show", "-o", str(tmp_path / "html"), cwd=project)
+    page = (tmp_path / "html" / "index.html").read_text()
+    assert "<script src" not in page.replace(" ", "").lower().replace("<scriptsrc", "<script src")
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    probe = tmp_path / "html" / "probe.html"
+    end = page.rfind("</body>")
+    probe.write_text(page[:end] + PROBE + page[end:])
+    dom = run([*OFFLINE_BROWSER, "--dump-dom", probe.as_uri()], tmp_path).stdout
+    boxes = json.loads(re.search(r'<pre id="probe"[^>]*>(.*?)</pre>', dom, re.S).group(1))
+    assert len(boxes) == len(declared), boxes
+    assert all(box["drawn"] and box["h"] > 100 for box in boxes), boxes
+    run([*OFFLINE_BROWSER, f"--screenshot={tmp_path / 'page.png'}", probe.as_uri()], tmp_path)
+    shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB")).astype(int)
+    for box in boxes:
+        x, y, w, h = (int(box[k]) for k in ("x", "y", "w", "h"))
+        area = shot[y:y + h, x:x + w]
+        inked = (area.min(axis=2) < 200).mean()  # axes, ticks, labels
+        coloured = ((area.max(axis=2) - area.min(axis=2)) > 60).sum()  # the data line (one colour per revision)
+        assert inked > 0.01 and coloured > 50, (box["id"], inked, coloured)
+
+
+README = REPO / "README.md"
+# README commands that need what a test cannot have: a released 256x256 checkpoint, a GPU
+NEEDS_OUTSIDE = ("ema_0.9999_", "VIRTUAL_", "--device cuda", "celebahq")
+# the micro project samples 2 and 4 steps, not the default's 20
+MICRO_NAMES = {"steps_20.npz": "steps_4.npz"}
+
+
+def readme_commands(section: str) -> list[str]:
+    """The `debias`/`dvc` lines of the bash blocks in one README section, as written (comments dropped)."""
+    text = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    commands = [re.sub(r"\s+#.*$", "", line).strip() for line in lines]
+    return [c for c in commands if re.match(r"(debias|dvc|for) ", c) and not any(s in c for s in NEEDS_OUTSIDE)]
+
+
+def test_readme_commands_run_as_written(project):
+    """Every command of the README's CLI and comparison blocks, in order, in the micro project; the CLI
+    writes nowhere the pipeline owns (`dvc status` stays clean)."""
+    cli_block, sweep = readme_commands("What it does"), readme_commands("Reproducing the paper's comparison")
+    assert len(cli_block) >= 8 and any(c.startswith("debias train") for c in cli_block)
+    assert any("dvc exp show" in c for c in sweep) and any(c.startswith("for ") for c in sweep)
+    before = {p.relative_to(project) for p in (project / "models").rglob("*")}
+    for command in cli_block:
+        for default, micro in MICRO_NAMES.items():
+            command = command.replace(default, micro)
+        run(["bash", "-c", command], project)  # the README's shell, this venv first on PATH
+    assert {p.relative_to(project) for p in (project / "models").rglob("*")} == before
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
+    run_dirs = list((project / "runs").iterdir())
+    assert len(run_dirs) == 1 and run_dirs[0].name.startswith("p2-eps-")
+    assert (run_dirs[0] / "checkpoint.pt").is_file() and (run_dirs[0] / "dvclive" / "metrics.json").is_file()
+    for name in ("grid.png", "x.npz", "analysis/x0_bias.tsv", "compare/comparison.md"):
+        assert (project / name).is_file(), name
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "before the sweep"], project)
+    for command in sweep:
+        run(["bash", "-c", f"export COLUMNS=120; {command}"], project)
+    table = run(["bash", "-c", f"export COLUMNS=120; {next(c for c in sweep if 'dvc exp show' in c)}"], project).stdout
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 120, table
+    for name in ("constant", "p2", "min_snr", "ddim.fid", "mse"):
+        assert name in table, table
+    names = dvc("exp", "ls", "--name-only", cwd=project).stdout.split()
+    assert {"constant", "p2", "min_snr"} <= set(names)
+    # each recipe once (the workspace, its commit and an experiment repeating it are one)
+    rows = [line.split(" | ") for line in (project / "compare" / "comparison.md").read_text().splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    weightings = [row[1] for row in rows]
+    assert len(weightings) == len(set(weightings)) and {"constant", "p2", "min_snr"} <= set(weightings), rows

@@ -225,9 +225,9 @@ REPORT_RUNNER = textwrap.dedent("""
         rows = [{"solver": s, "steps": k, "fid": 1.0 / k, "note": "x" * 200} for s in ("ddim", "unipc")
                 for k in range(1, 2000)]
         write_tsv(out / "table.tsv", rows)
-        metrics = {"ddim": {"by_steps": {str(k): {"fid": 1.0 / k, "kid": 0.1, "precision": 0.5, "recall": 0.5,
-                                                  "seconds": 1.0} for k in range(1, 2000)}}}
-        render_report(out / "report.md", recipe={"weighting": "debias", "target": "eps"}, metrics_by_solver=metrics,
+        steps = {"ddim": [{"steps": k, "fid": 1.0 / k, "kid": 0.1, "precision": 0.5, "recall": 0.5, "seconds": 1.0}
+                          for k in range(1, 2000)]}
+        render_report(out / "report.md", recipe={"weighting": "debias", "target": "eps"}, steps_by_solver=steps,
                       provenance=None, training={"steps": 4}, figures=[], grids={})
 
     if __name__ == "__main__":
@@ -282,7 +282,7 @@ WRITER_LOOP = textwrap.dedent("""
         "grid.png": lambda v, p: save_png_grid(images(v), p),
         "metrics.json": lambda v, p: write_json(p, {"fid": float(v), "rows": list(range(3000 * (v + 1)))}),
         "table.tsv": lambda v, p: write_tsv(p, [{"step": k, "loss": v + k / 7} for k in range(2000 * (v + 1))]),
-        "report.md": lambda v, p: render_report(p, recipe={"v": v}, metrics_by_solver={}, provenance=None,
+        "report.md": lambda v, p: render_report(p, recipe={"v": v}, steps_by_solver={}, provenance=None,
                                                training={"rows": "y" * 50000 * (v + 1)}, figures=[], grids={}),
         "features.npz": lambda v, p: save_features(p, torch.full((40 * (v + 1), 2048), float(v)),
                                                    {"weights_sha256": str(v)}),

@@ -99,9 +99,10 @@ def test_errors_are_one_line_and_write_nothing(checkpoint, tmp_path, case):
         args[0] = write_checkpoint(tmp_path / "wide.pt", unet_kwargs=dict(UNET, model_channels=64))
         words = ["does not fit the model", "shape"]
     elif case == "unknown_solver":
-        args, words = args + ["--solver", "euler"], ["unknown solver", "euler"]
+        args, words = args + ["--solver", "euler"], ["--solver", "euler", "ddpm", "unipc"]
     elif case == "too_many_steps":
-        args[2], words = 101, ["101 steps", "100"]
+        args, words = args + ["--solver", "ddim"], ["101 steps", "100"]
+        args[2] = 101
     elif case == "bad_suffix":
         args[-1], words = tmp_path / "out" / "grid.jpg", [".jpg"]
     elif case == "bad_option":

@@ -1,5 +1,6 @@
 """Training: exact resume (in process and after SIGKILL), DDP = one process, NaN stop, overfitting."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
 from debias.config import config_from_dict
 from debias.errors import DebiasError
-from debias.train.logs import TIMESTEP_LOG, TRAIN_LOG
+from debias.train.logs import LIVE_DIR, TIMESTEP_LOG, TRAIN_LOG
 from debias.train.loop import train
 from debias.train.rundir import CHECKPOINT, export_model
 from debias.train.state import EpochSampler
@@ -165,6 +166,18 @@ def test_sigkill_and_rerun_is_bitwise(tmp_path):
     assert log_without_speed(out) == log_without_speed(tmp_path / "reference")
     assert (out / TIMESTEP_LOG).read_text() == (tmp_path / "reference" / TIMESTEP_LOG).read_text()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    # DVCLive's metrics and plots: every logged step exactly once, with the uninterrupted run's values
+    live, reference = out / LIVE_DIR, tmp_path / "reference" / LIVE_DIR
+    for name in ("loss", "mse"):
+        assert (live / "plots" / "metrics" / f"{name}.tsv").read_text() == \
+            (reference / "plots" / "metrics" / f"{name}.tsv").read_text()
+    speed = [line.split("\t")[0] for line in (live / "plots" / "metrics" / "images_per_s.tsv").read_text().splitlines()]
+    assert speed == ["step", "7", "14", "21", "28", "35", "42", "49", "50"]
+    assert (live / "plots" / "custom" / "timestep_loss.json").read_text() == \
+        (reference / "plots" / "custom" / "timestep_loss.json").read_text()
+    summary, expected = (json.loads((path / "metrics.json").read_text()) for path in (live, reference))
+    assert summary.pop("images_per_s") > 0 and summary == {k: v for k, v in expected.items() if k != "images_per_s"}
+    assert summary["step"] == 50
 
 
 @pytest.mark.slow

@@ -22,9 +22,10 @@ from debias.io import write_tsv
 from debias.metrics.features import Features, FeatureStats
 from debias.metrics.scores import compute_metrics
 from debias.models.factory import DiffusionModel
+from debias.progress import Report
 from debias.runtime import Ranks, gather_shards, shard_bounds
-from debias.sampling import sample_checkpoint
 from debias.samplers.denoiser import Denoiser
+from debias.sampling import sample_checkpoint
 
 
 @dataclass
@@ -52,13 +53,13 @@ def evaluation_timesteps(num_timesteps: int, count: int) -> list[int]:
 @torch.inference_mode()
 def x0_bias_per_timestep(model: DiffusionModel, images: Tensor, timesteps: Sequence[int], seed: int = 0,
                          batch_size: int = 256, labels: Tensor | None = None,
-                         device: str | torch.device = "cpu") -> list[BiasRow]:
+                         device: str | torch.device = "cpu", progress: Report | None = None) -> list[BiasRow]:
     """For real images x0 (N, C, H, W) in [-1, 1] and each t: noise them, predict x̂0 (unclipped), and
     report the mean squared error and the signed mean error per channel (the bias) over all images.
 
     ``model.network`` runs on ``device``. Under ``torch.distributed`` every rank takes whole batches of
     the images; the per-batch sums are gathered and added in batch order, as one process adds them, so
-    the result is bitwise one process's."""
+    the result is bitwise one process's. ``progress(done, total)`` counts timesteps."""
     schedule, rows, ranks = model.schedule, [], Ranks.current()
     first, last = shard_bounds(len(images), ranks, unit=batch_size)
     num_batches = -(-len(images) // batch_size)
@@ -83,6 +84,8 @@ def x0_bias_per_timestep(model: DiffusionModel, images: Tensor, timesteps: Seque
         per_channel = images.numel() / images.shape[1]
         rows.append(BiasRow(t=int(t_value), snr=float(schedule.snr[int(t_value)]),
                             mse=float(sq_sum / images.numel()), bias=(err_sum / per_channel).tolist()))
+        if progress is not None:
+            progress(len(rows), len(timesteps))
     return rows
 
 
@@ -127,14 +130,15 @@ def shift_table(rows: Sequence[ShiftRow]) -> list[dict]:
 
 
 def write_bias_analysis(model: DiffusionModel, images: Tensor, labels: Tensor | None, *, timesteps: int, seed: int,
-                        batch_size: int, tsv: Path, png: Path, device: str | torch.device = "cpu") -> list[dict]:
+                        batch_size: int, tsv: Path, png: Path, device: str | torch.device = "cpu",
+                        progress: Report | None = None) -> list[dict]:
     """x̂0 error per timestep of a model (its network on ``device``) on real images (N, C, H, W) in
-    [-1, 1]: TSV + figure, written by rank 0."""
+    [-1, 1]: TSV + figure, written by rank 0; ``progress(done, total)`` counts timesteps."""
     if labels is None and model.num_classes:
         raise DebiasError("the model is class-conditional; the images need labels")
     rows = x0_bias_per_timestep(model, images, evaluation_timesteps(model.schedule.num_timesteps, timesteps),
                                 seed=seed, batch_size=batch_size, labels=labels if model.num_classes else None,
-                                device=device)
+                                device=device, progress=progress)
     table = bias_table(rows)
     if Ranks.current().main:
         write_tsv(tsv, table)
@@ -147,10 +151,11 @@ def write_bias_analysis(model: DiffusionModel, images: Tensor, labels: Tensor | 
 
 
 def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: SampleConfig, *, tsv: Path, png: Path,
-                         grid_png: Path, device: str = "cpu") -> list[dict]:
+                         grid_png: Path, device: str = "cpu", progress: Report | None = None) -> list[dict]:
     """Colour shift vs sampling steps (``cfg.steps``), with the same seeds at every step count: TSV, curve
-    and the Figure-1-style grid (one row of the first 8 seeds per step count), written by rank 0."""
-    samples = dict(sample_checkpoint(checkpoint, solver, cfg, device=device))
+    and the Figure-1-style grid (one row of the first 8 seeds per step count), written by rank 0;
+    ``progress(done, total)`` counts the network evaluations of each step count in turn."""
+    samples = dict(sample_checkpoint(checkpoint, solver, cfg, device=device, progress=progress))
     table = shift_table(color_shift(samples, data_mean))
     if Ranks.current().main:
         write_tsv(tsv, table)
@@ -162,14 +167,17 @@ def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: 
 
 
 def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | FeatureStats, solver: str, cfg: SampleConfig, *,
-                          eval_options: dict, tsv: Path, png: Path, device: str = "cpu") -> list[dict]:
+                          eval_options: dict, tsv: Path, png: Path, device: str = "cpu",
+                          progress: Report | None = None) -> list[dict]:
     """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV +
-    curve, written by rank 0."""
+    curve, written by rank 0; ``progress(done, total)`` counts snapshots."""
     rows = []
     for path in sorted(snapshots):
         _, images = next(sample_checkpoint(path, solver, cfg, device=device))
         result = compute_metrics(images, reference, metrics=("fid",), device=device, **eval_options)
         rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
+        if progress is not None:
+            progress(len(rows), len(snapshots))
     if Ranks.current().main:
         write_tsv(tsv, rows)
         plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},

@@ -5,7 +5,7 @@ of ``dvc exp run -S``; values parsed as YAML), and validates everything once (:m
 raised as a :class:`ConfigError` whose message names the key and what is allowed.
 
 Names (weightings, targets, schedules, datasets, solvers, spacings, metrics, devices, precisions) come
-from the registries that own them; the dataclass defaults are the values params.yaml spells out
+from :mod:`debias.catalog`, which every registry implements; the dataclass defaults are the values params.yaml spells out
 (tests/test_config.py checks that they agree), and the CLI takes its defaults from here.
 """
 
@@ -17,16 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debias.data import DATASETS
-from debias.diffusion.schedule import SCHEDULES
-from debias.diffusion.targets import TARGETS
-from debias.diffusion.weighting import WEIGHT_SPACES, WEIGHTINGS, WeightingParams
+from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, METRICS, PRECISIONS, PRESETS, SCHEDULES, SOLVERS, SPACINGS,
+                            TARGETS, WEIGHT_SPACES, WEIGHTINGS)
+from debias.diffusion.weighting import WeightingParams
 from debias.metrics.extractor import BATCH_SIZE
-from debias.metrics.scores import METRICS
-from debias.runtime import DEVICES, PRECISIONS
-from debias.samplers import ARITHMETIC, OPTIONS, SOLVERS, option_problem
-from debias.samplers.grid import SPACINGS
-from debias.samplers.presets import PRESETS
+from debias.samplers import OPTIONS, option_problem
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",

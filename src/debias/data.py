@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from debias import catalog
+from debias.catalog import check_registry
 from debias.errors import DebiasError, one_line
 from debias.images import IMAGE_SUFFIXES, BadImage, decode_image, from_uint8, to_mode
 
@@ -238,6 +240,7 @@ DATASETS: dict[str, Callable[[DataSpec], ImageDataset]] = {
     "folder": load_folder,
     "twemoji": load_twemoji,
 }
+check_registry(DATASETS, catalog.DATASETS, "dataset")
 
 
 def _first(dataset: ImageDataset, n: int) -> ImageDataset:

@@ -16,6 +16,14 @@ def one_line(text: str) -> str:
     return text.translate(_LINE_BREAKS)
 
 
+def reports_errors() -> bool:
+    """Whether this process prints user errors: rank 0 of a torchrun job (every rank exits with code 2),
+    or a process outside torchrun."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 class DebiasError(ValueError):
     """A user-facing error: the message names the problem in one line (line breaks that come from
     file names, keys or values are shown escaped)."""

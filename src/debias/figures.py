@@ -11,6 +11,7 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from debias.io import atomic_write  # noqa: E402
 
@@ -30,8 +31,11 @@ def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seq
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if logx:
+    if logx:  # ticks at the data, written plainly (2, 3, 5, …, not 2×10⁰)
         ax.set_xscale("log")
+        ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -2,7 +2,8 @@
 
 Every output goes through :func:`atomic_write`: a temporary sibling, fsync, then ``os.replace``. A
 killed process leaves either the previous complete file or the new complete file, never a torn one,
-and two concurrent writers cannot interleave.
+and two concurrent writers cannot interleave. Files get the permissions of a plain ``open``
+(0666 less the umask: 0644 under umask 022), not ``mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -33,6 +35,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -17,10 +17,10 @@ import torch
 
 from debias.config import Config, load_config
 from debias.data import ImageDataset
-from debias.errors import DebiasError
+from debias.errors import DebiasError, reports_errors
 from debias.images import from_uint8, to_uint8
 from debias.io import atomic_write
-from debias.runtime import Ranks, launched_as_main, processes, relaunch_on_all_gpus
+from debias.runtime import Ranks, processes, relaunch_on_all_gpus
 
 PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared.npz")
@@ -35,6 +35,22 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 FIGURES = Path("plots/figures")
 REPORTS = Path("reports")
+
+
+def metrics_file(solver: str) -> Path:
+    """``evaluate@<solver>``'s DVC metrics: ``{solver: {fid, sfid, kid, precision, recall}}`` at the first
+    of sample.steps (nested under the solver so that `dvc exp show` names the columns ``ddim.fid``, …)."""
+    return METRICS / f"{solver}.json"
+
+
+def steps_table(solver: str) -> Path:
+    """``evaluate@<solver>``'s table: every metric at every step count of sample.steps."""
+    return METRICS / f"{solver}_vs_steps.tsv"
+
+
+def provenance_file(solver: str) -> Path:
+    """``evaluate@<solver>``'s provenance: extractor, weights, versions, set sizes, seconds."""
+    return METRICS / f"{solver}.provenance.json"
 
 
 def samples_file(solver: str, steps: int) -> Path:
@@ -81,6 +97,6 @@ def run_stage(main: Callable[[Config, list[str]], None]) -> None:
     try:
         main(load_config(PARAMS), sys.argv[1:])
     except DebiasError as err:
-        if launched_as_main():
+        if reports_errors():
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from debias.catalog import PRECISIONS, check_registry
 from debias.errors import DebiasError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "auto")  # the names params.yaml takes (resolve_device also takes cuda:N)
 # precision name -> autocast dtype (None: plain float32)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = tuple(AUTOCAST_DTYPES)
+check_registry(AUTOCAST_DTYPES, PRECISIONS, "precision")
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -141,11 +141,6 @@ class Ranks:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
         return cls()
-
-
-def launched_as_main() -> bool:
-    """Whether this process is rank 0 of its torchrun job (or no torchrun job): the one that reports."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def sample_indices(model: DiffusionModel, solver: str, steps: int, indices: Sequ
     ``options`` are the solver's (:data:`debias.samplers.SOLVERS`). ``init_noise`` (M, C, H, W), if
     given, is x_T of sample i at row i (instead of its own first draw). Labels: given ``class_labels``
     are cycled over sample indices, else drawn per sample for a class-conditional model.
-    ``progress(done, total)`` counts network evaluations over all batches.
+    ``progress(done, total)`` counts image steps (one network evaluation of one image) over all batches.
     """
     indices = [int(i) for i in indices]
     if batch_size < 1:
@@ -72,7 +72,7 @@ def sample_indices(model: DiffusionModel, solver: str, steps: int, indices: Sequ
     tables, formulas = arithmetic_of(solver, arithmetic)
     device = torch.device(device)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    total, samples = len(batches) * steps, []
+    total, samples = len(indices) * steps, []
     for b, batch in enumerate(batches):
         noise = SampleNoise(seed, batch, model.image_shape, device)
         x_T = noise.draw()
@@ -81,7 +81,8 @@ def sample_indices(model: DiffusionModel, solver: str, steps: int, indices: Sequ
         labels = labels_for(batch, seed, model.num_classes, class_labels)
         denoiser = Denoiser(model.network, model.schedule, model.target, model.learn_sigma, clip_x0,
                             None if labels is None else labels.to(device), formulas)
-        report = None if progress is None else (lambda done, _n, b=b: progress(b * steps + done, total))
+        report = None if progress is None else (
+            lambda done, _n, first=b * batch_size, size=len(batch): progress((first * steps) + done * size, total))
         x = sample(solver, denoiser, x_T, steps, spacing=spacing, denoise_to_zero=denoise_to_zero, tables=tables,
                    noise=noise, progress=report, **options)
         samples.append(x.float().cpu() if float32 else to_uint8(x).cpu())

@@ -1,15 +1,16 @@
 """Resolve what a user names as images: an .npz (images, an ADM batch, features or statistics), an image
-folder or a built-in dataset."""
+folder or a built-in dataset; and the FID reference of the pipeline (:func:`fid_reference`)."""
 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from debias.config import DataConfig
+from debias.config import DataConfig, EvalConfig
 from debias.data import DATASETS, load_dataset
 from debias.errors import DebiasError
 from debias.images import ImageArray, load_images, open_npz_images, to_uint8
@@ -58,3 +59,22 @@ def image_source(spec: str, like: torch.Tensor | ImageArray | Features | None = 
         return to_uint8(load_dataset(data).images)
     builtins = ", ".join(name for name in DATASETS if name != "folder")
     raise DebiasError(f"{spec}: no such file or folder, and not a built-in dataset ({builtins})")
+
+
+def fid_reference(e: EvalConfig, training_set: Callable[[], torch.Tensor], spec: str | None = None,
+                  like: torch.Tensor | ImageArray | None = None,
+                  max_images: int | None = None) -> torch.Tensor | ImageArray | Features | FeatureStats:
+    """The FID reference the pipeline scores against: ``spec`` if given, else ``eval.reference``, else
+    the training set (``training_set()``, uint8) — as images, a fixed random subset of
+    ``eval.reference_images`` of them (seed 0, in their order; then the first ``max_images``), or
+    precomputed features or statistics."""
+    name = spec if spec is not None else e.reference
+    reference = image_source(name, like=like) if name is not None else training_set()
+    if not isinstance(reference, (torch.Tensor, ImageArray)):
+        return reference
+    if e.reference_images is not None and e.reference_images < len(reference):
+        pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[:e.reference_images]
+        reference = reference[pick.sort().values.tolist()]
+    if max_images is None:
+        return reference
+    return reference.head(max_images) if isinstance(reference, ImageArray) else reference[:max_images]

@@ -113,7 +113,7 @@ def sample_to_file(sampler: Sampler, steps: int, out: Path, kind: str, chunk_dir
     """Sample ``sampler.cfg.num_samples`` images at ``steps`` into ``out`` (of ``kind``, see :data:`KINDS`)
     through the chunk folder ``chunk_dir``; returns the number of chunks sampled by this call (all ranks).
 
-    ``progress(done, total)`` counts this process's network evaluations. Every rank of a process
+    ``progress(done, total)`` counts this process's image steps. Every rank of a process
     group calls this; rank 0 writes ``out``, then deletes the chunk files unless ``keep_chunks`` (a job
     that writes several outputs keeps them until all are written: a kill during the last one must not
     cost the others; :func:`clear_chunks`).

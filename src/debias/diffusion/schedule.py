@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-SCHEDULES = ("linear", "cosine")
+from debias.catalog import SCHEDULES
 
 
 def make_betas(name: str, steps: int) -> Tensor:

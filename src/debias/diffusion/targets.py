@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TARGETS = ("eps", "x0", "v")
+from debias.catalog import TARGETS
 
 
 def check_target(target: str) -> str:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from debias import catalog
+from debias.catalog import check_registry
 from debias.diffusion.targets import check_target
 
 
@@ -89,9 +91,9 @@ WEIGHTINGS: dict[str, Callable[[Tensor, WeightingParams], Tensor]] = {
     "sigmoid": sigmoid,
     "edm": edm,
 }
+check_registry(WEIGHTINGS, catalog.WEIGHTINGS, "weighting")
 
-
-WEIGHT_SPACES = ("eps", "target")
+WEIGHT_SPACES = catalog.WEIGHT_SPACES
 
 
 def check_weighting(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,8 @@ from debias.images import ImageArray, checked_images
 from debias.io import atomic_write
 from debias.metrics.extractor import BATCH_SIZE, exact_float32
 from debias.metrics.inception import LAYER_DIMS, InceptionWeights, extractor
+from debias.progress import Report
 from debias.runtime import gather_shards, resolve_device, shard_bounds
-
-Progress = Callable[[int, int], None]
 
 
 def extract(
@@ -34,7 +33,7 @@ def extract(
     layers: tuple[str, ...],
     batch_size: int,
     device: str,
-    progress: Progress | None,
+    progress: Report | None,
 ) -> dict[str, Tensor]:
     """float64 features {layer: (N, D)} of ``images`` uint8 (N, C, H, W) — a tensor, or an
     :class:`~debias.images.ImageArray` read batch by batch; sharded in whole batches over the ranks of
@@ -85,7 +84,7 @@ def extract_features(
     weights: InceptionWeights,
     batch_size: int = BATCH_SIZE,
     device: str = "cpu",
-    progress: Progress | None = None,
+    progress: Report | None = None,
 ) -> Tensor:
     """Inception pool features float64 (N, 2048) of uint8 images (N, C, H, W)."""
     return extract(images, weights, ("2048",), batch_size, device, progress)["2048"]

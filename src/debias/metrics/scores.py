@@ -17,14 +17,17 @@ from typing import Any, Union
 import numpy as np
 from torch import Tensor
 
+from debias.catalog import METRICS
 from debias.errors import DebiasError
 from debias.images import ImageArray, ImageSource, load_images
 from debias.metrics.extractor import BATCH_SIZE
-from debias.metrics.features import Features, FeatureStats, Progress, extract
+from debias.metrics.features import Features, FeatureStats, extract
 from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, SPATIAL_DIM, InceptionWeights, resolve_inception_weights
+from debias.progress import Report
 
-METRICS = ("fid", "sfid", "kid", "pr", "isc")
 Source = Union[Tensor, ImageArray, Features, FeatureStats]
+# the numbers a run is judged by (DVC metrics); the rest (kid_std, seconds, provenance) are details
+HEADLINE = ("fid", "sfid", "kid", "precision", "recall", "isc")
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -147,7 +150,7 @@ def compute_metrics(
     batch_size: int = BATCH_SIZE,
     device: str = "cpu",
     seed: int = 0,
-    progress: Progress | None = None,
+    progress: Report | None = None,
 ) -> dict[str, Any]:
     """Score generated images against reference images (either side may be precomputed
     :class:`Features`, the reference also FID statistics); features are extracted once per set and

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import Tensor
 
+from debias import catalog
+from debias.catalog import check_registry
 from debias.diffusion.schedule import Schedule
 from debias.errors import DebiasError
 from debias.samplers.ddim import ddim
@@ -85,10 +87,11 @@ SOLVERS: dict[str, Solver] = {
                           "linspace", True, "dpm-solver"),
     "unipc": Solver(unipc, ("order", "variant"), "linspace", True, "dpm-solver"),
 }
+check_registry(SOLVERS, catalog.SOLVERS, "solver")
 
 # debias: float64 tables and the accurate conversions; upstream: the original's arithmetic for each solver —
 # float32 tables in DPM_solver.py / UniPC.py, guided-diffusion's conversions for DDPM and DDIM
-ARITHMETIC = ("debias", "upstream")
+ARITHMETIC = catalog.ARITHMETIC
 
 
 def arithmetic_of(name: str, arithmetic: str) -> tuple[str, str]:

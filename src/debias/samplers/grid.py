@@ -32,10 +32,8 @@ from torch import Tensor
 
 from debias.diffusion.schedule import Schedule
 from debias.errors import DebiasError
-from debias.samplers.timesteps import DISCRETE_SPACINGS, select_timesteps
-
-CONTINUOUS_SPACINGS = ("time_uniform", "logSNR", "time_quadratic")
-SPACINGS = (*DISCRETE_SPACINGS, *CONTINUOUS_SPACINGS)
+from debias.catalog import CONTINUOUS_SPACINGS, SPACINGS
+from debias.samplers.timesteps import select_timesteps
 TABLES = {"float64": torch.float64, "float32": torch.float32}
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from debias import catalog
+from debias.catalog import check_registry
 from debias.errors import DebiasError
 
 _DPM = dict(spacing="time_uniform", denoise_to_zero=False, clip_x0=False, arithmetic="upstream", order=2,
@@ -44,6 +46,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       variant="bh1"),
     },
 }
+check_registry(PRESETS, catalog.PRESETS, "preset")
 
 
 def preset_settings(preset: str, solver: str) -> dict[str, Any]:

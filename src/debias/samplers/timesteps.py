@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from debias.catalog import DISCRETE_SPACINGS
 from debias.diffusion.schedule import space_timesteps
 from debias.errors import DebiasError
-
-DISCRETE_SPACINGS = ("even", "ddim", "linspace", "leading", "trailing")
 
 
 def select_timesteps(num_timesteps: int, steps: int, spacing: str = "even", *, multistep: bool = False) -> list[int]:

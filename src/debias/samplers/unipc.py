@@ -29,12 +29,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from debias.catalog import UNIPC_VARIANTS
 from debias.samplers.denoiser import Denoiser
 from debias.samplers.dpm_solver import predict_at, step_order
 from debias.samplers.grid import Grid
 from debias.samplers.noise import SampleNoise
 
-VARIANTS = ("bh1", "bh2")
+VARIANTS = UNIPC_VARIANTS
 
 
 def uni_bh_update(x_s: Tensor, outputs: list[Tensor], lams: list[float], lam_t: float, alpha_t: float,

@@ -1,5 +1,7 @@
-"""The training logs: ``train_log.tsv`` (a row every ``train.log_every`` steps) and ``timestep_loss.tsv``
-(the loss over the run per bucket of timesteps), written by rank 0 from all-reduced sums."""
+"""The training logs, written by rank 0 from all-reduced sums: ``train_log.tsv`` (a row every
+``train.log_every`` steps), ``timestep_loss.tsv`` (the loss over the run per bucket of timesteps), and
+the same through DVCLive in ``dvclive/`` — step, loss, unweighted MSE and images/s as metrics (what
+``dvc exp show`` lists, live while a run trains) and plots, and the per-timestep loss as a plot."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from debias.runtime import Ranks, all_reduced
 
 TRAIN_LOG = "train_log.tsv"
 TIMESTEP_LOG = "timestep_loss.tsv"
+LIVE_DIR = "dvclive"
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "lr", "images_per_s")
+LIVE_METRICS = ("loss", "mse", "images_per_s")  # with DVCLive's step: the training columns of `dvc exp show`
 BUCKETS = 10
 
 
@@ -37,6 +41,7 @@ class MetricLogs:
         self.buckets = torch.zeros(BUCKETS, 3, dtype=torch.float64, device=device)  # Σ loss, Σ mse, count
         self.last_loss: float | None = None
         self.rows: list[str] = []  # train_log.tsv rows so far (rank 0)
+        self.live = None  # the DVCLive logger (rank 0, from start())
 
     @torch.no_grad()
     def accumulate(self, loss: Tensor, mse: Tensor, vb: Tensor, t: Tensor, grad_norm: Tensor) -> None:
@@ -61,6 +66,8 @@ class MetricLogs:
         if self.ranks.main:
             self.rows.append("\t".join(_fmt(v) for v in (step, loss, mse, vb, grad_norm, lr, images_per_s)))
             _append_line(self.log_dir / TRAIN_LOG, self.rows[-1])
+            self._live_row(self.rows[-1])
+            self.live.make_summary()
             self._write_buckets(buckets)
 
     def _write_buckets(self, buckets: Tensor) -> None:
@@ -73,6 +80,10 @@ class MetricLogs:
                 mean = (lambda s: s / count) if count else (lambda s: float("nan"))
                 lines.append("\t".join(_fmt(v) for v in (ts[0], ts[-1], mean(loss), mean(mse), int(count))))
         atomic_write(self.log_dir / TIMESTEP_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+        points = [dict(zip(("t_start", "t_end", "loss", "mse", "count"), map(float, line.split("\t"))))
+                  for line in lines[1:]]
+        self.live.log_plot("timestep_loss", points, x="t_start", y="mse", template="linear",
+                           title="unweighted MSE per timestep bucket (the whole run)", x_label="t", y_label="MSE")
 
     def state(self) -> dict:
         """Global totals for a checkpoint (all ranks must call this)."""
@@ -90,11 +101,26 @@ class MetricLogs:
         self.last_loss = state["last_loss"]
 
     def start(self) -> None:
-        """Rank 0: rewrite ``train_log.tsv`` with the rows so far (none for a fresh run)."""
+        """Rank 0: rewrite ``train_log.tsv`` and ``dvclive/`` with the rows so far (none for a fresh run),
+        so that a resumed run logs every step exactly once, whatever a killed run left behind."""
+        from dvclive import Live
+
         lines = ["\t".join(LOG_COLUMNS), *self.rows]
         atomic_write(self.log_dir / TRAIN_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
-        if not self.rows:
+        self.live = Live(str(self.log_dir / LIVE_DIR), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+        for row in self.rows:
+            self._live_row(row)
+        if self.rows:
+            self.live.make_summary()
+            self._write_buckets(self.buckets)
+        else:
             (self.log_dir / TIMESTEP_LOG).unlink(missing_ok=True)
+
+    def _live_row(self, row: str) -> None:
+        values = dict(zip(LOG_COLUMNS, row.split("\t")))
+        self.live.step = int(values["step"])
+        for name in LIVE_METRICS:
+            self.live.log_metric(name, float(values[name]))
 
 
 def _fmt(v: float | int) -> str:

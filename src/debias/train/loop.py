@@ -31,6 +31,7 @@ from debias.diffusion.weighting import loss_weights
 from debias.errors import DebiasError
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
+from debias.progress import Progress
 from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
@@ -49,18 +50,6 @@ class TrainResult:
     loss: float | None          # the last logged mean loss (None if nothing was ever logged)
     seconds: float
     is_main_process: bool = True
-
-
-def _progress_bar(enabled: bool, total: int, start: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[status]}"), console=console,
-                   disable=not (enabled and console.is_terminal))
-    task = bar.add_task("train", total=total, completed=start, status="")
-    return bar, task
 
 
 class Trainer:
@@ -208,9 +197,9 @@ class Trainer:
         """Steps ``start`` … ``end`` with logging, snapshots and checkpoints into ``run``; returns the last step."""
         tc, main = self.cfg.train, self.ranks.main
         snapshot_steps = set(tc.snapshot_steps)
-        bar, task = _progress_bar(progress and main, tc.steps, start)
         timer, timed_steps, step = time.perf_counter(), 0, start
-        with bar:
+        with Progress("train", "steps", enabled=progress and main) as bar:
+            bar.update(start, tc.steps)
             for k in range(start, end):
                 self.step(k)
                 step, timed_steps = k + 1, timed_steps + 1
@@ -224,14 +213,14 @@ class Trainer:
                     speed = timed_steps * tc.batch_size / (now - timer)
                     self.logs.write_row(step, self.lr_at(k), speed, tc.batch_size)
                     timer, timed_steps = now, 0
-                    bar.update(task, status=f"loss {self.logs.last_loss:.4f} · {speed:.0f} img/s")
+                    bar.update(step, tc.steps, status=f"loss {self.logs.last_loss:.4g}, {speed:.0f} images/s")
                 if due_snapshot and main:
                     save_checkpoint(run.snapshot(step), self.checkpoint(step))
                 if due_checkpoint:
                     log_state = self.logs.state()  # collective: every rank takes part
                     if main:
                         save_checkpoint(run.checkpoint, self.checkpoint(step, log_state))
-                bar.update(task, completed=step)
+                bar.update(step, tc.steps)
                 if on_step is not None:
                     on_step(step)
         return step

@@ -8,6 +8,8 @@ the weights kept at ``train.snapshot_steps``; ``log_dir`` (often the same folder
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -38,6 +40,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def run_key(cfg: Config) -> str:
+    """``<weighting>-<target>-<8 hex>``: a name for the training state of ``cfg``'s recipe, the same for
+    every config that resumes it (the digest covers the training params except :data:`RESUMABLE_CHANGES`)."""
+    relevant = {k: v for k, v in _flatten(cfg.training_dict()).items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.weighting}-{cfg.target}-{digest}"
 
 
 def config_change(saved: dict, cfg: Config) -> str | None:

@@ -1,0 +1,109 @@
+"""Regenerate the README's results (between its ``<!-- results -->`` markers) from a real run, here.
+
+    python scripts/readme_results.py            # in the repository, with the venv active
+
+Runs ``dvc repro`` on the default params.yaml (the baseline, weighting=debias) and ``dvc exp run --temp -n
+constant -S weighting=constant``, timing both; then ``debias compare --out-dir docs/results`` and the DDIM
+sample grid of each recipe, and writes the table of FIDs, x̂0 bias, colour shift and FID-vs-training with
+the date, the machine and the wall times. Takes ~15 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from debias.report import tsv_at, distinct_recipes, experiments_from_exp_show
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results"
+START, END = "<!-- results: written by scripts/readme_results.py -->", "<!-- /results -->"
+SOLVERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
+EXPERIMENT = "constant"
+
+
+def timed(*command: str) -> float:
+    """Run ``command`` in the repository (failing loudly); its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{os.cpu_count()}-core CPU ({model})" if model else f"{os.cpu_count()}-core CPU"
+
+
+def row(recipe: dict) -> list[str]:
+    """FID per solver, ‖x̂0 bias‖ at the largest t, ‖colour shift‖ at the fewest DDIM steps, FID of the snapshots."""
+    rev = recipe["rev"]
+    fids = [recipe["metrics"].get(f"metrics/{s}.json", {}).get(s, {}).get("fid") for s in SOLVERS]
+    bias = max(tsv_at(rev, "plots/x0_bias.tsv"), key=lambda r: r["t"])["bias_norm"]
+    shift = min(tsv_at(rev, "plots/color_shift.tsv"), key=lambda r: r["steps"])["shift_norm"]
+    train = " / ".join(f"{r['fid']:.1f}" for r in tsv_at(rev, "plots/fid_vs_train.tsv"))
+    p = recipe["params"]
+    name = f"{p['weighting']} (1/√SNR)" if p["weighting"] == "debias" else p["weighting"]
+    return [name, *(f"{f:.1f}" if f is not None else "–" for f in fids), f"{bias:.3f}", f"{shift:.3f}", train]
+
+
+def grid(rev: str, name: str) -> None:
+    """The recipe's DDIM sample grid (reports/ is committed with each experiment) as docs/results/NAME."""
+    data = (ROOT / "reports" / "grid_ddim.png").read_bytes() if rev == "workspace" else subprocess.run(
+        ["git", "show", f"{rev}:reports/grid_ddim.png"], cwd=ROOT, check=True, capture_output=True).stdout
+    (RESULTS / name).write_bytes(data)
+
+
+def main() -> None:
+    os.chdir(ROOT)
+    repro = timed(sys.executable, "-m", "dvc", "repro")
+    experiment = timed(sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", EXPERIMENT, "-S",
+                       f"weighting={EXPERIMENT}")
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], check=True, capture_output=True,
+                           text=True).stdout
+    records = experiments_from_exp_show(json.loads(shown))
+    baseline = next(r for r in records if r["rev"] == "workspace")
+    other = next(r for r in records if r["name"] == EXPERIMENT)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "debias", "compare", "--out-dir", str(RESULTS)], cwd=ROOT, check=True)
+    grid(baseline["rev"], "grid_ddim_debias.png")
+    grid(other["rev"], f"grid_ddim_{EXPERIMENT}.png")
+    steps = baseline["params"]["train"]["snapshot_steps"]
+    header = ["recipe", *(f"FID {s}" for s in SOLVERS), "‖x̂0 bias‖ at t=999", "‖colour shift‖ at 2 DDIM steps",
+              f"FID of snapshots {' / '.join(map(str, steps))} (ddim)"]
+    table = [header, ["---"] * len(header), *(row(r) for r in distinct_recipes([baseline, other]))]
+    today = datetime.date.today().isoformat()
+    block = "\n".join([
+        START,
+        f"Measured {today} on a {machine()} by `python scripts/readme_results.py`: `dvc repro` of the default "
+        f"took {repro / 60:.1f} min (every stage, after `pip install`), `dvc exp run --temp -n {EXPERIMENT} -S "
+        f"weighting={EXPERIMENT}` {experiment / 60:.1f} min.",
+        "",
+        *("| " + " | ".join(cells) + " |" for cells in table),
+        "",
+        "| x̂0 bias per timestep | colour shift vs steps | FID vs training |",
+        "|---|---|---|",
+        "| ![](docs/results/compare_x0_bias.png) | ![](docs/results/compare_color_shift.png) | "
+        "![](docs/results/compare_fid_vs_train.png) |",
+        "",
+        f"Samples (DDIM, same seeds): debias ![](docs/results/grid_ddim_debias.png) {EXPERIMENT} "
+        f"![](docs/results/grid_ddim_{EXPERIMENT}.png)",
+        END,
+    ])
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{README} has no {START} … {END} block")
+    head, rest = text.split(START, 1)
+    README.write_text(head + block + rest.split(END, 1)[1])
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`debias train`, `debias config` and `debias info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from debias.cli.app import PARAMS_OPTION, SET_OPTION, Target, Weighting, app, load_params, user_errors
+from debias.errors import DebiasError
+
+RUNS = Path("runs")  # where `debias train` puts a run without --out (ignored by git and DVC)
+
+
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """What the pipeline in ``dvc_yaml`` writes: its stages' outs, metrics and plots (up to a ``${…}``)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in (stage.get(key) or []) if isinstance(stage, dict) else []:
+                name = str(next(iter(entry)) if isinstance(entry, dict) else entry).split("${")[0].rstrip("/")
+                if name:
+                    paths.append(Path(name))
+    return paths
+
+
+def check_not_tracked(out: Path) -> None:
+    """DebiasError if ``out`` is (inside) an output of the pipeline in ./dvc.yaml: a CLI run must not
+    overwrite what `dvc repro` wrote (and `dvc status` reports)."""
+    target = out.resolve()
+    for path in pipeline_outputs():
+        owned = path.resolve()
+        if target == owned or owned in target.parents:
+            raise DebiasError(f"--out {out} is inside {path}, an output of the pipeline (dvc.yaml); "
+                              f"train elsewhere (the default is {RUNS}/<recipe>) or run `dvc repro`")
+
+
+@app.command("train")
+@user_errors
+def train_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION,
+                  weighting: Optional[Weighting] = typer.Option(None, "--weighting", "-w", help="Replaces the param `weighting`."),
+                  target: Optional[Target] = typer.Option(None, "--target", "-t", help="Replaces the param `target`."),
+                  out: Optional[Path] = typer.Option(None, "--out", "-o", help=f"The run folder (default {RUNS}/<weighting>-<target>-<digest of the training params>)."),
+                  resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/checkpoint.pt if present."),
+                  progress: bool = typer.Option(True, "--progress/--no-progress", help="Report progress (a bar on a terminal, else a line every 10 s).")) -> None:
+    """Train one recipe into its own run folder (resumable).
+
+    The folder holds checkpoint.pt, snapshots/, train_log.tsv, timestep_loss.tsv and dvclive/. With train.devices cuda/auto it uses every visible GPU (DDP through
+    torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
+    import sys
+
+    from debias.runtime import relaunch_on_all_gpus
+    from debias.train.loop import train
+    from debias.train.rundir import run_key
+
+    sets = [*(set_ or []), *([f"weighting={weighting}"] if weighting else []), *([f"target={target}"] if target else [])]
+    cfg = load_params(params, sets)
+    out = out if out is not None else RUNS / run_key(cfg)
+    check_not_tracked(out)
+    relaunch_on_all_gpus(cfg.train.devices, ["-m", "debias", *sys.argv[1:]])
+    result = train(cfg, out, resume=resume, progress=progress)
+    if result.is_main_process:
+        loss = f", last logged loss {result.loss:.4g}" if result.loss is not None else ""
+        done = "already finished" if result.step == result.start_step else f"trained steps {result.start_step}→{result.step}"
+        typer.echo(f"{result.checkpoint}: {done}{loss}")
+
+
+@app.command("config")
+@user_errors
+def config_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION) -> None:
+    """Validate the params (plus overrides) and print them resolved, as YAML."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(load_params(params, set_).to_dict(), sort_keys=False).rstrip())
+
+
+@app.command("info")
+def info_command() -> None:
+    """Versions, devices and the registered names."""
+    import torch
+
+    from debias import __version__
+    from debias.diffusion.schedule import SCHEDULES
+    from debias.diffusion.targets import TARGETS
+    from debias.diffusion.weighting import WEIGHTINGS
+    from debias.samplers import SOLVERS
+
+    cuda = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+    rows = [("debias", __version__), ("torch", f"{torch.__version__} ({cuda})"),
+            ("weightings", ", ".join(WEIGHTINGS)), ("targets", ", ".join(TARGETS)),
+            ("schedules", ", ".join(SCHEDULES)), ("solvers", ", ".join(SOLVERS))]
+    for key, value in rows:
+        typer.echo(f"{key:<11} {value}")
