@@ -171,3 +171,23 @@ def test_compare_from_exp_show_json(tmp_path):
     assert (tmp_path / "cmp" / "comparison.png").is_file()
     (tmp_path / "empty.json").write_text("[]")
     assert_one_line_error(cli("compare", "--exp-json", tmp_path / "empty.json"))
+
+
+def test_prune_removes_only_the_states_of_other_recipes(tmp_path, monkeypatch):
+    from debias.config import config_from_dict
+    from debias.train.rundir import run_key
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the built-in defaults are the current params
+    current, other = run_key(config_from_dict({})), run_key(config_from_dict({"weighting": "constant"}))
+    assert current != other
+    for name in (current, other, "p2-eps-00000000"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "checkpoint.pt").write_bytes(b"state")
+    (tmp_path / "checkpoints" / "notes").mkdir()  # not a training state: never touched
+    dry = cli("prune", "--dry-run", "--keep", "p2-eps-00000000")
+    assert dry.exit_code == 0, dry.output
+    assert f"would remove checkpoints/{other}" in dry.output and len(list((tmp_path / "checkpoints").iterdir())) == 4
+    done = cli("prune")
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted([current, "notes"])
+    assert_one_line_error(cli("prune", "--dir", tmp_path / "nowhere"))

@@ -312,3 +312,26 @@ def test_readme_commands_run_as_written(project):
             if line.startswith("| ") and "---" not in line][1:]
     weightings = [row[1] for row in rows]
     assert len(weightings) == len(set(weightings)) and {"constant", "p2", "min_snr"} <= set(weightings), rows
+
+
+def test_another_recipe_never_erases_a_training_state(project):
+    """`dvc exp run -S weighting=constant` trains into its own state; after `dvc exp apply` of the
+    baseline, `dvc repro` re-exports the baseline without training and a longer run resumes it."""
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline for the recipe-state test", "--allow-empty"], project)
+    dvc("exp", "run", "-n", "state-baseline", cwd=project)
+    states = project / "checkpoints"
+    before = {p.name: (p / "checkpoint.pt").read_bytes() for p in states.iterdir()}
+    model = (project / "models" / "model.pt").read_bytes()
+    dvc("exp", "run", "-n", "state-constant", "-S", "weighting=constant", cwd=project)
+    after = {p.name: (p / "checkpoint.pt").read_bytes() for p in states.iterdir()}
+    assert set(before) < set(after) and all(after[name] == data for name, data in before.items())
+    dvc("exp", "apply", "state-baseline", cwd=project)
+    repro = dvc("repro", cwd=project)
+    assert "Running stage 'train'" not in repro.stdout or "already trained" in repro.stdout + repro.stderr
+    assert (project / "models" / "model.pt").read_bytes() == model
+    log = (project / "logs" / "train_log.tsv").read_text()
+    longer = dvc("exp", "run", "-n", "state-longer", "-S", f"train.steps={MICRO['train']['steps'] + 6}", cwd=project)
+    assert f"resuming at step {MICRO['train']['steps']}" in longer.stdout + longer.stderr
+    resumed = (project / "logs" / "train_log.tsv").read_text()
+    assert resumed.startswith(log) and len(resumed.splitlines()) == len(log.splitlines()) + 2

@@ -51,6 +51,9 @@ class DataConfig:
         one_of(self.on_error, ("skip", "fail"), "data.on_error")
         require(self.max_images is None or self.max_images >= 1, "data.max_images", "must be >= 1 or null")
         require(self.name != "folder" or bool(self.path), "data.path", "is required when data.name is 'folder'")
+        require(self.name == "folder" or self.path is None, "data.path",
+                f"is read only with data.name: folder (data.name is {self.name!r}, a built-in dataset); drop it or "
+                "set data.name=folder")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Library code raises :class:`DebiasError` for anything a user can fix (bad config, missing file,
 wrong checkpoint, an unknown solver or option). It is a ``ValueError``, so validation code needs no
 translation layer between "a bad value" and "a user error". The CLI and the stage scripts print its
-message as one line and exit with code 2; every other exception is a bug and keeps its traceback.
+message as one line and exit with code 2, and so do what the system refuses (:func:`user_message`: a
+file operation, memory); every other exception is a bug and keeps its traceback.
 """
 
 
@@ -30,3 +31,22 @@ class DebiasError(ValueError):
 
     def __str__(self) -> str:
         return one_line(super().__str__())
+
+
+ALLOCATION_FAILURES = ("tried to allocate", "out of memory", "DefaultCPUAllocator", "can't allocate memory")
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one line a user sees for ``err``, or None when it is a bug (and keeps its traceback): a
+    DebiasError's message; an OSError (disk full, read-only, forbidden, a FIFO) with the path it names;
+    running out of memory, from Python or from torch's allocator."""
+    if isinstance(err, DebiasError):
+        return str(err)
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return one_line(f"{where}{err.strerror or err}")
+    if isinstance(err, MemoryError):
+        return "out of memory" + (f" ({one_line(str(err))[:200]})" if str(err) else "")
+    if isinstance(err, RuntimeError) and any(text in str(err) for text in ALLOCATION_FAILURES):
+        return one_line(str(err).strip().splitlines()[0])[:300]
+    return None

@@ -49,6 +49,8 @@ def checked_images(images: Tensor | np.ndarray, what: str = "images") -> Tensor:
         raise DebiasError(f"{what}: images must be N x C x H x W with C = 1 or 3, got shape {tuple(images.shape)}")
     if len(images) == 0:
         raise DebiasError(f"{what}: no images")
+    if min(images.shape[2:]) < 1:
+        raise DebiasError(f"{what}: the images are {images.shape[2]}x{images.shape[3]} pixels")
     return images
 
 
@@ -169,9 +171,10 @@ class ImageArray:
         return torch.from_numpy(images.transpose(0, 3, 1, 2).copy() if self.channels_last else images)
 
 
-def open_npz_images(path: str | Path) -> ImageArray:
+def open_npz_images(path: str | Path, rows: int | None = None) -> ImageArray:
     """The images of an ``.npz`` file, checked from its header (nothing unpickled, no data read): its
-    ``images`` (N, C, H, W), or the ``arr_0`` (N, H, W, C) of guided-diffusion's sample and reference batches."""
+    ``images`` (N, C, H, W), or the ``arr_0`` (N, H, W, C) of guided-diffusion's sample and reference batches.
+    ``rows``: only the first that many are needed (a compressed file is inflated only so far)."""
     arrays = members(path)
     if "images" in arrays:
         member, channels_last = arrays["images"], False
@@ -189,7 +192,9 @@ def open_npz_images(path: str | Path) -> ImageArray:
         raise DebiasError(f"{path}: images must be N x C x H x W with C = 1 or 3, got shape {member.shape}")
     if shape[0] == 0:
         raise DebiasError(f"{path}: no images")
-    return ImageArray(open_member(path, member), channels_last, str(path))
+    if min(shape[2:]) < 1:
+        raise DebiasError(f"{path}: the images are {shape[2]}x{shape[3]} pixels")
+    return ImageArray(open_member(path, member, rows), channels_last, str(path))
 
 
 def read_npz(path: str | Path) -> Tensor:

@@ -14,27 +14,75 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from debias.errors import DebiasError
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``."""
+    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename over ``path``.
+
+    A failed write (disk full, read-only or forbidden folder, a file-size limit, torch's writer
+    failing) removes the temporary file, leaves ``path`` as it was and is one DebiasError line naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise DebiasError(f"cannot write {path}: {reason}") from None
+
+
+def write_failure(err: BaseException) -> str | None:
+    """What went wrong, if ``err`` is a failed write rather than a bug: an OSError's reason, or the
+    first line of torch's C++ writer error."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err) or "file write failed" in str(err)):
+        return "the write failed (disk full or a file-size limit?)"
+    return None
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a folder through ``write(folder)`` into a hidden sibling, then put it in place whole: a
+    reader sees the earlier folder or the new one, never a part (a failure leaves the earlier one)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~current_umask())
+        write(tmp)
+        old = path.parent / f".{path.name}.{os.getpid()}.old.tmp"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        tmp = None
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, DebiasError):
+            raise
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise DebiasError(f"cannot write {path}: {reason}") from None
 
 
 def current_umask() -> int:

@@ -4,7 +4,8 @@ members memory-mapped, and arrays written as a stream of blocks.
 An ``.npz`` is a zip of ``.npy`` members. :func:`members` reads only their headers; a member stored
 uncompressed (as ``np.savez`` writes) is then a contiguous run of bytes in the file, which
 :func:`open_member` maps read-only — so reading 16 images of a 50 000-image file touches 16 images.
-Compressed members are read whole, after their declared size has been checked. :func:`write_npz`
+A compressed member may inflate to at most :data:`INFLATE_LIMIT` times its size (more is refused as
+a decompression bomb before any is inflated) and is inflated only as far as the rows asked for. :func:`write_npz`
 writes members block by block (bounded by the block size), uncompressed, with fixed timestamps, so the
 same arrays always give the same bytes.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from debias.errors import DebiasError
 from debias.io import atomic_write
 
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
+INFLATE_LIMIT = 100  # real images deflate 2-5x (digits: 2.5x); a 1000x member is a bomb (all zeros)
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -73,8 +76,13 @@ def members(path: str | Path) -> dict[str, Member]:
                         raise DebiasError(f"{path}: array {name!r} declares {member.nbytes} bytes of data that "
                                           "the file does not hold (truncated or forged)")
                     member = Member(name, tuple(shape), dtype, start)
-                elif info.file_size < header + member.nbytes:
-                    raise DebiasError(f"{path}: array {name!r} declares more data than it holds (forged header)")
+                elif info.file_size != header + member.nbytes:
+                    raise DebiasError(f"{path}: array {name!r} declares {member.nbytes} bytes of data but holds "
+                                      f"{info.file_size - header} (forged header)")
+                elif member.nbytes > INFLATE_LIMIT * info.compress_size + (1 << 20):
+                    raise DebiasError(f"{path}: array {name!r} would inflate {member.nbytes / 2**20:.0f} MiB from "
+                                      f"{info.compress_size / 2**20:.1f} MiB (a decompression bomb?); refusing it — "
+                                      "save real data uncompressed (np.savez) to have it memory-mapped")
                 found[name] = member
     except DebiasError:
         raise
@@ -83,16 +91,28 @@ def members(path: str | Path) -> dict[str, Member]:
     return found
 
 
-def open_member(path: str | Path, member: Member) -> np.ndarray:
-    """The member's data: a read-only memory map when stored uncompressed, else read whole."""
+def open_member(path: str | Path, member: Member, rows: int | None = None) -> np.ndarray:
+    """The member's data: a read-only memory map when stored uncompressed, else inflated — only its
+    first ``rows`` rows (along axis 0) when given."""
     if member.offset is not None:
         if member.nbytes == 0:
             return np.zeros(member.shape, member.dtype)
         return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape)
+    shape = member.shape if rows is None or not member.shape else (min(rows, member.shape[0]), *member.shape[1:])
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data[member.name]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{member.name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+            out = np.empty(shape, member.dtype)
+            view = out.reshape(-1).view(np.uint8)
+            done = 0
+            while done < view.size:
+                got = f.readinto(memoryview(view[done:]))
+                if not got:
+                    raise EOFError("the array ends early")
+                done += got
+            return out
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DebiasError(f"{path} is not a readable .npz file ({str(err).splitlines()[0][:200]})") from None
 
 

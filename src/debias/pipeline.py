@@ -17,7 +17,7 @@ import torch
 
 from debias.config import Config, load_config
 from debias.data import ImageDataset
-from debias.errors import DebiasError, reports_errors
+from debias.errors import DebiasError, reports_errors, user_message
 from debias.images import from_uint8, to_uint8
 from debias.io import atomic_write
 from debias.runtime import Ranks, processes, relaunch_on_all_gpus
@@ -91,12 +91,15 @@ def on_devices(devices: str, script: str, args: list[str]) -> Iterator[tuple[Ran
 
 
 def run_stage(main: Callable[[Config, list[str]], None]) -> None:
-    """Run a stage on params.yaml; a :class:`DebiasError` becomes one line (from rank 0 under torchrun)
-    and exit code 2."""
+    """Run a stage on params.yaml; a user error (:func:`~debias.errors.user_message`) becomes one line
+    (from rank 0 under torchrun) and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(load_config(PARAMS), sys.argv[1:])
-    except DebiasError as err:
+    except (DebiasError, OSError, MemoryError, RuntimeError) as err:
+        message = user_message(err)
+        if message is None:
+            raise
         if reports_errors():
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

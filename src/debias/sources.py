@@ -49,7 +49,7 @@ def image_source(spec: str, like: torch.Tensor | ImageArray | Features | None = 
         if "mu" in arrays and not {"images", "arr_0"} & arrays:
             return FeatureStats.load(path)
         if arrays:
-            return open_npz_images(path).head(max_images)
+            return open_npz_images(path, rows=max_images).head(max_images)
         return load_images(path)[:max_images]
     if spec in DATASETS and spec != "folder":
         if shape is None and isinstance(like, (torch.Tensor, ImageArray)):

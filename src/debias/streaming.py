@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from debias.errors import DebiasError
 from debias.images import save_png_folder, save_png_grid
-from debias.io import write_json
+from debias.io import atomic_folder, write_json
 from debias.npz import Stream, members, open_member, write_npz
 from debias.runtime import Ranks, on_main
 from debias.sampling import Sampler
@@ -100,8 +100,11 @@ def assemble(store: ChunkStore, out: Path, kind: str, shape: tuple[int, ...]) ->
     elif kind == "float32":
         write_npz(out, {"images": Stream((n, *shape), np.dtype(np.float32), store.blocks())})
     elif kind == "folder":
-        for r, block in zip(store.ranges, store.blocks()):
-            save_png_folder(block, out, indices=r)
+        def write(folder: Path) -> None:
+            for r, block in zip(store.ranges, store.blocks()):
+                save_png_folder(block, folder, indices=r)
+
+        atomic_folder(out, write)
     elif kind == "png":
         save_png_grid(np.concatenate(list(store.blocks())), out)
     else:

@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from debias import __version__, catalog
-from debias.errors import DebiasError, one_line, reports_errors
+from debias.errors import DebiasError, one_line, reports_errors, user_message
 
 
 
@@ -97,16 +97,20 @@ def _setup(version: bool = typer.Option(False, "--version", callback=_version, i
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a command so that user errors become one line and exit code 2 (under torchrun every
-    rank exits so, rank 0 alone prints the line)."""
+    """Decorate a command so that user errors (:func:`~debias.errors.user_message`: bad input, a
+    refused file operation, memory) become one line and exit code 2 (under torchrun every rank exits
+    so, rank 0 alone prints the line)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except DebiasError as err:
+        except (DebiasError, OSError, MemoryError, RuntimeError) as err:
+            message = user_message(err)
+            if message is None:
+                raise
             if reports_errors():
-                typer.echo(f"error: {err}", err=True)
+                typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

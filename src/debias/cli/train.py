@@ -72,6 +72,31 @@ def train_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[st
         typer.echo(f"{result.checkpoint}: {done}{loss}")
 
 
+@app.command("prune")
+@user_errors
+def prune_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION,
+                  folder: Path = typer.Option(Path("checkpoints"), "--dir", help="The folder of training states (the train stage's checkpoints/, or runs/)."),
+                  keep: Optional[list[str]] = typer.Option(None, "--keep", help="Also keep this recipe's state (a folder name; repeatable)."),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed.")) -> None:
+    """Remove the training states of other recipes, keeping the current params' one.
+
+    The train stage keeps one state per recipe, checkpoints/<weighting>-<target>-<digest>/, so that
+    experiments never erase each other's training; this is the one command that deletes them."""
+    import shutil
+
+    from debias.train.rundir import CHECKPOINT, run_key
+
+    if not folder.is_dir():
+        raise DebiasError(f"{folder} is not a folder of training states")
+    kept = {run_key(load_params(params, set_)), *(keep or [])}
+    states = sorted(p for p in folder.iterdir() if p.is_dir() and (p / CHECKPOINT).is_file() and p.name not in kept)
+    for state in states:
+        if not dry_run:
+            shutil.rmtree(state)
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {state}")
+    typer.echo(f"kept {', '.join(sorted(kept))}; {len(states)} other state(s) {'found' if dry_run else 'removed'}")
+
+
 @app.command("config")
 @user_errors
 def config_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION) -> None:

@@ -23,6 +23,7 @@ from debias.images import ImageArray, checked_images
 from debias.io import atomic_write
 from debias.metrics.extractor import BATCH_SIZE, exact_float32
 from debias.metrics.inception import LAYER_DIMS, InceptionWeights, extractor
+from debias.npz import members
 from debias.progress import Report
 from debias.runtime import gather_shards, resolve_device, shard_bounds
 
@@ -122,9 +123,11 @@ def _npz_name(path: str | os.PathLike) -> Path:
 
 
 def load_features(path: str | os.PathLike) -> Features:
-    """Features written by :func:`save_features`."""
+    """Features written by :func:`save_features` (finite values only; the file's headers are checked
+    first, so a forged or inflating member is refused before it is read)."""
+    members(path)
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             values = torch.from_numpy(data["features"]).to(torch.float64)
             meta = json.loads(str(data["meta"]))
             spatial = torch.from_numpy(data["spatial"]).to(torch.float64) if "spatial" in data.files else None
@@ -134,6 +137,8 @@ def load_features(path: str | os.PathLike) -> Features:
         raise DebiasError(f"{path} is not a features file (need 2-D 'features' and meta.weights_sha256)")
     if spatial is not None and (spatial.ndim != 2 or len(spatial) != len(values)):
         raise DebiasError(f"{path}: its spatial features do not match its {len(values)} pool features")
+    if not bool(torch.isfinite(values).all()) or (spatial is not None and not bool(torch.isfinite(spatial).all())):
+        raise DebiasError(f"{path}: the features hold NaN or infinite values")
     return Features(values, meta, spatial)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from debias.diffusion.losses import timestep_buckets
+from debias.errors import DebiasError
 from debias.io import atomic_write
 from debias.runtime import Ranks, all_reduced
 
@@ -128,7 +129,10 @@ def _fmt(v: float | int) -> str:
 
 
 def _append_line(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # the rows so far travel in the checkpoint: a resumed run rewrites the file
+        raise DebiasError(f"cannot write {path}: {err.strerror or err}") from None

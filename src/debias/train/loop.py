@@ -28,7 +28,7 @@ from debias.data import ImageDataset, load_dataset
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.weighting import loss_weights
-from debias.errors import DebiasError
+from debias.errors import DebiasError, one_line
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.progress import Progress
@@ -176,18 +176,23 @@ class Trainer:
             ckpt.extra = {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position}
         return ckpt
 
-    def restore(self, ckpt: Checkpoint) -> None:
-        self.model.load_state_dict(ckpt.model)
-        self.ema.load(ckpt.ema)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+    def restore(self, ckpt: Checkpoint, source: Path) -> None:
+        """Continue from ``ckpt`` (read from ``source``): a part that does not fit is one line naming it."""
+        restore_part(source, "model", lambda: self.model.load_state_dict(ckpt.model))
+        restore_part(source, "ema", lambda: self.ema.load(ckpt.ema))
+        restore_part(source, "optimizer", lambda: self.optimizer.load_state_dict(ckpt.optimizer))
         if self.scaler is not None and ckpt.scaler:
-            self.scaler.load_state_dict(ckpt.scaler)
-        for name, g in self.generators.items():
-            g.set_state(ckpt.rng[name])
-        torch.set_rng_state(ckpt.rng["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in ckpt.rng:
-            torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
-        self.logs.load_state(ckpt.extra["logs"])
+            restore_part(source, "scaler", lambda: self.scaler.load_state_dict(ckpt.scaler))
+
+        def rng() -> None:
+            for name, g in self.generators.items():
+                g.set_state(ckpt.rng[name])
+            torch.set_rng_state(ckpt.rng["torch_cpu"])
+            if self.device.type == "cuda" and "torch_cuda" in ckpt.rng:
+                torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
+
+        restore_part(source, "rng", rng)
+        restore_part(source, "logs", lambda: self.logs.load_state(ckpt.extra["logs"]))
         self.step_count.fill_(ckpt.step)
 
     # ---- the loop
@@ -233,6 +238,16 @@ class Trainer:
             raise DebiasError(f"non-finite loss at step {bad}; {kept}")
 
 
+def restore_part(source: Path, part: str, restore: Callable[[], object]) -> None:
+    """Run ``restore()``; the errors of a part of a checkpoint that does not fit (a wrong type, a
+    missing key, a tensor of another shape) become one DebiasError line naming ``part``."""
+    try:
+        restore()
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        raise DebiasError(f"{source}: cannot resume from its '{part}' ({type(err).__name__}: "
+                          f"{one_line(str(err))[:160]})") from None
+
+
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
           stop_after: int | None = None, on_step: Callable[[int], None] | None = None,
           dataset: ImageDataset | None = None, log_dir: str | Path | None = None) -> TrainResult:
@@ -254,12 +269,20 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
         with run.locked(ranks):
             ckpt = on_main(lambda: run.resume_point(cfg, unet_kwargs, len(dataset), resume), ranks)
             start = ckpt.step if ckpt is not None else 0
+            if ckpt is not None and ranks.main:
+                log.info("%s: %s at step %d of %d", run.checkpoint,
+                         "already trained" if start == cfg.train.steps else "resuming", start, cfg.train.steps)
             if ckpt is not None and start == cfg.train.steps:
-                return TrainResult(run.checkpoint, start, start, ckpt.extra.get("logs", {}).get("last_loss"),
-                                   time.perf_counter() - began, ranks.main)
+                logs, saved = MetricLogs(run.log_dir, cfg.diffusion.steps, torch.device("cpu"), ranks), ckpt.extra.get("logs")
+                restore_part(run.checkpoint, "logs", lambda: logs.load_state(saved))
+                if ranks.main:  # the logs of this recipe, whatever another recipe left in log_dir
+                    run.log_dir.mkdir(parents=True, exist_ok=True)
+                    logs.start()
+                return TrainResult(run.checkpoint, start, start, logs.last_loss, time.perf_counter() - began,
+                                   ranks.main)
             trainer = Trainer(cfg, dataset, unet_kwargs, device, ranks, run.log_dir)
             if ckpt is not None:
-                trainer.restore(ckpt)
+                trainer.restore(ckpt, run.checkpoint)
             del ckpt
             if ranks.main:
                 run.log_dir.mkdir(parents=True, exist_ok=True)
