@@ -1,6 +1,7 @@
 """Regenerate the README's results (between its ``<!-- results -->`` markers) from a real run, here.
 
-    python scripts/readme_results.py            # in the repository, with the venv active
+    python scripts/readme_results.py              # in the repository, with the venv active
+    python scripts/readme_results.py --densities  # then: the timestep-density sweep (~15 minutes more)
 
 Runs ``dvc repro`` on the default params.yaml (the baseline, weighting=debias) and ``dvc exp run --temp -n
 constant -S weighting=constant``, timing both; then ``debias compare --out-dir docs/results`` and the DDIM
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "results"
 START, END = "<!-- results: written by scripts/readme_results.py -->", "<!-- /results -->"
+DENSITY_START, DENSITY_END = "<!-- densities: written by scripts/readme_results.py --densities -->", "<!-- /densities -->"
+DENSITIES = ("lognormal", "laplace", "loss_second_moment")
 SOLVERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 EXPERIMENT = "constant"
 
@@ -97,13 +100,46 @@ def main() -> None:
         f"![](docs/results/grid_ddim_{EXPERIMENT}.png)",
         END,
     ])
+    replace_block(START, END, block)
+
+
+def replace_block(start: str, end: str, block: str) -> None:
+    """Put ``block`` (which begins with ``start`` and ends with ``end``) in place of the README's."""
     text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{README} has no {START} … {END} block")
-    head, rest = text.split(START, 1)
-    README.write_text(head + block + rest.split(END, 1)[1])
+    if start not in text or end not in text:
+        raise SystemExit(f"{README} has no {start} … {end} block")
+    head, rest = text.split(start, 1)
+    README.write_text(head + block + rest.split(end, 1)[1])
     print(block)
 
 
+def densities() -> None:
+    """The sweep of the README's density section against the baseline in the workspace: FID per solver
+    and the last logged unweighted MSE, each density with the importance correction."""
+    os.chdir(ROOT)
+    seconds = [timed(sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, "-S",
+                     f"train.timestep_sampler={name}", "-S", "loss.importance_correction=true") for name in DENSITIES]
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], check=True, capture_output=True,
+                           text=True).stdout
+    records = experiments_from_exp_show(json.loads(shown))
+    runs = [("uniform (baseline)", next(r for r in records if r["rev"] == "workspace")),
+            *((name, next(r for r in records if r["name"] == name)) for name in DENSITIES)]
+    header = ["timestep_sampler", *(f"FID {s}" for s in SOLVERS), "unweighted MSE at the last step"]
+    rows = [header, ["---"] * len(header)]
+    for name, record in runs:
+        fids = [record["metrics"].get(f"metrics/{s}.json", {}).get(s, {}).get("fid") for s in SOLVERS]
+        mse = record["metrics"].get("logs/dvclive/metrics.json", {}).get("mse")
+        rows.append([name, *(f"{f:.1f}" if f is not None else "–" for f in fids), f"{mse:.4f}" if mse else "–"])
+    block = "\n".join([
+        DENSITY_START,
+        f"Measured {datetime.date.today().isoformat()} on a {machine()} by `python scripts/readme_results.py "
+        f"--densities` (the default recipe, weighting=debias; {sum(seconds) / 60:.0f} min for the three runs):",
+        "",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        DENSITY_END,
+    ])
+    replace_block(DENSITY_START, DENSITY_END, block)
+
+
 if __name__ == "__main__":
-    main()
+    densities() if sys.argv[1:] == ["--densities"] else main()

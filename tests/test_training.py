@@ -1,6 +1,7 @@
 """Training: exact resume (in process and after SIGKILL), DDP = one process, NaN stop, overfitting."""
 
 import json
+import math
 import logging
 import subprocess
 import sys
@@ -194,3 +195,24 @@ def test_two_gloo_processes_match_one(tmp_path):
         torch.testing.assert_close(ddp.model[name], value, atol=1e-5, rtol=0)
     for a, b in zip(log_without_speed(tmp_path / "ddp")[1:], log_without_speed(tmp_path / "single")[1:]):
         assert [float(x) for x in a] == pytest.approx([float(x) for x in b], rel=1e-4)
+
+
+@pytest.mark.parametrize("density", [["train.timestep_sampler=loss_second_moment", "diffusion.steps=50",
+                                      "train.steps=80", "train.checkpoint_every=10"],
+                                     ["train.timestep_sampler=lognormal", "loss.importance_correction=true"]])
+def test_timestep_densities_train_and_resume_bitwise(tmp_path, density):
+    """loss_second_moment warms up (every one of 50 timesteps has its 10 losses within 80 × 16 draws) and keeps its
+    history in the checkpoint: a stopped and resumed run is bitwise the uninterrupted one."""
+    cfg = tiny("train.snapshot_steps=[12]", *density)
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full.loss is not None and math.isfinite(full.loss)
+    train(cfg, tmp_path / "split", progress=False, stop_after=17)
+    train(cfg, tmp_path / "split", progress=False)
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert log_without_speed(tmp_path / "full") == log_without_speed(tmp_path / "split")
+    saved = load_checkpoint(tmp_path / "full" / CHECKPOINT).extra["timesteps"]
+    if cfg.train.timestep_sampler == "loss_second_moment":
+        assert bool((saved["counts"] == 10).all())  # warmed up: the importance sampling was used
+    others = [o for o in density if not o.startswith(("train.timestep_sampler", "loss.importance"))]
+    uniform = train(tiny("train.snapshot_steps=[12]", *others), tmp_path / "uniform", progress=False)
+    assert uniform.loss != full.loss

@@ -7,7 +7,7 @@ Each registry binds its implementations to exactly these names and checks it whe
 (:mod:`debias.data`), solvers, arithmetic (:mod:`debias.samplers`), UniPC variants
 (:mod:`debias.samplers.unipc`), spacings (:mod:`debias.samplers.grid`), presets
 (:mod:`debias.samplers.presets`), metrics (:mod:`debias.metrics.scores`), devices and precisions
-(:mod:`debias.runtime`).
+(:mod:`debias.runtime`), timestep samplers (:mod:`debias.diffusion.densities`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ PRESETS = ("none", "upstream")
 METRICS = ("fid", "sfid", "kid", "pr", "isc")
 DEVICES = ("cpu", "cuda", "auto")  # the names params.yaml takes (the library also takes cuda:N)
 PRECISIONS = ("fp32", "bf16", "fp16")
+TIMESTEP_SAMPLERS = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
 
 
 def check_registry(registry: Iterable[str], names: tuple[str, ...], family: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, METRICS, PRECISIONS, PRESETS, SCHEDULES, SOLVERS, SPACINGS,
-                            TARGETS, WEIGHT_SPACES, WEIGHTINGS)
+                            TARGETS, TIMESTEP_SAMPLERS, WEIGHT_SPACES, WEIGHTINGS)
 from debias.diffusion.weighting import WeightingParams
 from debias.metrics.extractor import BATCH_SIZE
 from debias.samplers import OPTIONS, option_problem
@@ -115,9 +115,17 @@ class TrainConfig:
     devices: str = "cpu"
     num_workers: int = 0
     compile: bool = False
+    timestep_sampler: str = "uniform"   # where t is drawn (debias.diffusion.densities)
+    timestep_loc: float | None = None   # the log-SNR density's location / scale (null: its default)
+    timestep_scale: float | None = None
 
     def __post_init__(self):
         require(self.steps >= 1, "train.steps", "must be >= 1")
+        one_of(self.timestep_sampler, TIMESTEP_SAMPLERS, "train.timestep_sampler")
+        require(self.timestep_loc is None or abs(self.timestep_loc) <= 100, "train.timestep_loc",
+                "must be null or a log-SNR in [-100, 100]")
+        require(self.timestep_scale is None or 0 < self.timestep_scale <= 100, "train.timestep_scale",
+                "must be null or in (0, 100]")
         require(1 <= self.batch_size <= 1_000_000, "train.batch_size", "must be in [1, 1000000]")
         require(0 < self.lr < 1, "train.lr", "must be in (0, 1)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -201,6 +201,15 @@ def gather_shards(local: Tensor, n: int, device: torch.device, ranks: Ranks | No
     return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
 
 
+def all_gathered(x: Tensor, ranks: Ranks) -> Tensor:
+    """Every rank's ``x`` (the same shape on each) concatenated along axis 0 in rank order."""
+    if ranks.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ranks.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def all_reduced(x: Tensor, ranks: Ranks) -> Tensor:
     """Sum of ``x`` over all ranks (a copy; ``x`` itself is unchanged)."""
     x = x.clone()

@@ -115,11 +115,13 @@ def info_command() -> None:
     from debias.diffusion.schedule import SCHEDULES
     from debias.diffusion.targets import TARGETS
     from debias.diffusion.weighting import WEIGHTINGS
+    from debias.diffusion.densities import SAMPLERS as TIMESTEP_SAMPLERS
     from debias.samplers import SOLVERS
 
     cuda = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
     rows = [("debias", __version__), ("torch", f"{torch.__version__} ({cuda})"),
             ("weightings", ", ".join(WEIGHTINGS)), ("targets", ", ".join(TARGETS)),
-            ("schedules", ", ".join(SCHEDULES)), ("solvers", ", ".join(SOLVERS))]
+            ("schedules", ", ".join(SCHEDULES)), ("solvers", ", ".join(SOLVERS)),
+            ("timesteps", ", ".join(TIMESTEP_SAMPLERS))]
     for key, value in rows:
         typer.echo(f"{key:<11} {value}")

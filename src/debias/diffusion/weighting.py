@@ -38,6 +38,7 @@ class WeightingParams:
     edm_sigma_data: float = 0.5  # σ_data of EDM
     normalize: bool = False      # rescale the applied weight to mean 1 over t
     weight_space: str = "eps"    # eps: w on the ε-MSE (carried into the target's space) | target: w on the target's MSE
+    importance_correction: bool = False  # × 1/(T p(t)) for train.timestep_sampler's p: the uniform objective
 
 
 def constant(snr: Tensor, p: WeightingParams) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from debias.checkpoints import Checkpoint, save_checkpoint
 from debias.config import Config
 from debias.data import ImageDataset, load_dataset
+from debias.diffusion.densities import TimestepSampler
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.weighting import loss_weights
@@ -80,6 +81,8 @@ class Trainer:
 
         self.schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).to(device)
         self.weights = loss_weights(cfg.weighting, self.schedule.snr, cfg.target, cfg.loss).to(device)
+        self.timesteps = TimestepSampler(tc.timestep_sampler, self.schedule.snr.log(), device, ranks,
+                                         tc.timestep_loc, tc.timestep_scale)
         self.logs = MetricLogs(log_dir, self.schedule.num_timesteps, device, ranks)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)    # on-device copy of the step
@@ -105,8 +108,7 @@ class Trainer:
         if self.cfg.data.random_flip:
             flip = torch.rand(B, generator=self.generators["flip"], device=self.device)[self.micro] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.generators["timesteps"],
-                          device=self.device)[self.micro]
+        t = self.timesteps.sample(B, self.generators["timesteps"])[self.micro]
         noise = torch.randn((B, *x0.shape[1:]), generator=self.generators["noise"], device=self.device)[self.micro]
         y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
         return x0, noise, t, y
@@ -122,9 +124,16 @@ class Trainer:
             xt = xt.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.forward(xt, t, y)
-        terms = diffusion_loss(self.schedule, out.float(), x0, noise, t, self.cfg.target, self.weights,
+        weights = self.weights
+        if self.cfg.loss.importance_correction:  # E_p[w/(T p) L] = the uniform objective (densities.py, eq. 1)
+            correction = self.timesteps.correction()
+            weights = weights * correction
+        terms = diffusion_loss(self.schedule, out.float(), x0, noise, t, self.cfg.target, weights,
                                self.cfg.model.learn_sigma)
         loss = terms.loss.mean()
+        if self.timesteps.adaptive:  # loss_second_moment learns from the loss without its correction
+            seen = terms.loss.detach() / correction[t] if self.cfg.loss.importance_correction else terms.loss.detach()
+            self.timesteps.update(t, seen)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -173,7 +182,8 @@ class Trainer:
             ckpt.optimizer = self.optimizer.state_dict()
             ckpt.scaler = self.scaler.state_dict() if self.scaler is not None else None
             ckpt.rng = self.rng_state()
-            ckpt.extra = {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position}
+            ckpt.extra = {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position,
+                          "timesteps": self.timesteps.state()}
         return ckpt
 
     def restore(self, ckpt: Checkpoint, source: Path) -> None:
@@ -193,6 +203,7 @@ class Trainer:
 
         restore_part(source, "rng", rng)
         restore_part(source, "logs", lambda: self.logs.load_state(ckpt.extra["logs"]))
+        restore_part(source, "timesteps", lambda: self.timesteps.load_state(ckpt.extra.get("timesteps") or {}))
         self.step_count.fill_(ckpt.step)
 
     # ---- the loop
