@@ -281,7 +281,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
             ckpt = on_main(lambda: run.resume_point(cfg, unet_kwargs, len(dataset), resume), ranks)
             start = ckpt.step if ckpt is not None else 0
             if ckpt is not None and ranks.main:
-                log.info("%s: %s at step %d of %d", run.checkpoint,
+                log.info("note: %s: %s at step %d of %d", run.checkpoint,
                          "already trained" if start == cfg.train.steps else "resuming", start, cfg.train.steps)
             if ckpt is not None and start == cfg.train.steps:
                 logs, saved = MetricLogs(run.log_dir, cfg.diffusion.steps, torch.device("cpu"), ranks), ckpt.extra.get("logs")
