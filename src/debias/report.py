@@ -11,6 +11,7 @@ from typing import Any
 from debias.errors import DebiasError
 from debias.figures import plot_lines, plt, save_figure
 from debias.io import parse_tsv, write_text
+from debias.schema import flatten
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -83,16 +84,6 @@ def experiments_from_exp_show(data: Any) -> list[dict]:
     return found
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def distinct_recipes(experiments: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Each recipe once, with a readable ``label``: the params that set it apart from the first (the
     workspace, or the newest commit), e.g. ``weighting=p2``; the first as ``<weighting>, <target>``.
@@ -102,10 +93,10 @@ def distinct_recipes(experiments: Sequence[Mapping[str, Any]]) -> list[dict]:
     apart by their revision."""
     recipes: list[dict] = []
     seen: dict[str, dict] = {}
-    base = _flat(experiments[0]["params"]) if experiments else {}
+    base = flatten(experiments[0]["params"]) if experiments else {}
     for e in experiments:
-        params = _flat(e["params"])
-        quality = {k: v for k, v in _flat(e["metrics"]).items() if not k.endswith(TIMING)}
+        params = flatten(e["params"])
+        quality = {k: v for k, v in flatten(e["metrics"]).items() if not k.endswith(TIMING)}
         key = repr(sorted(params.items())) + repr(sorted(quality.items()))
         if key in seen:
             continue

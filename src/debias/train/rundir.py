@@ -21,6 +21,7 @@ from debias.config import Config
 from debias.errors import DebiasError
 from debias.io import atomic_write
 from debias.runtime import Ranks, on_main
+from debias.schema import flatten
 from debias.train.logs import TIMESTEP_LOG, TRAIN_LOG
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,10 @@ RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_st
                      "train.devices", "train.num_workers", "train.compile", "data.path", "data.on_error"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_key(cfg: Config) -> str:
     """``<weighting>-<target>-<8 hex>``: a name for the training state of ``cfg``'s recipe, the same for
     every config that resumes it (the digest covers the training params except :data:`RESUMABLE_CHANGES`)."""
-    relevant = {k: v for k, v in _flatten(cfg.training_dict()).items() if k not in RESUMABLE_CHANGES}
+    relevant = {k: v for k, v in flatten(cfg.training_dict()).items() if k not in RESUMABLE_CHANGES}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.weighting}-{cfg.target}-{digest}"
 
@@ -53,7 +44,7 @@ def run_key(cfg: Config) -> str:
 def config_change(saved: dict, cfg: Config) -> str | None:
     """The first training-relevant key whose value differs from a checkpoint's config, as 'key: old → new'."""
     new = cfg.training_dict()
-    old, new = _flatten({k: saved.get(k) for k in new}), _flatten(new)
+    old, new = flatten({k: saved.get(k) for k in new}), flatten(new)
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} → {new.get(key)!r}"
