@@ -2,6 +2,8 @@
 
     python scripts/readme_results.py              # in the repository, with the venv active
     python scripts/readme_results.py --densities  # then: the timestep-density sweep (~15 minutes more)
+    python scripts/readme_results.py --learned    # then: weighting: learned (~10 minutes more)
+    python scripts/readme_results.py --phema      # then: one phema training and the sample.ema_std sweep (~15 minutes)
 
 Runs ``dvc repro`` on the default params.yaml (the baseline, weighting=debias) and ``dvc exp run --temp -n
 constant -S weighting=constant``, timing both; then ``debias compare --out-dir docs/results`` and the DDIM
@@ -28,6 +30,10 @@ RESULTS = ROOT / "docs" / "results"
 START, END = "<!-- results: written by scripts/readme_results.py -->", "<!-- /results -->"
 DENSITY_START, DENSITY_END = "<!-- densities: written by scripts/readme_results.py --densities -->", "<!-- /densities -->"
 DENSITIES = ("lognormal", "laplace", "loss_second_moment")
+LEARNED_START, LEARNED_END = "<!-- learned: written by scripts/readme_results.py --learned -->", "<!-- /learned -->"
+LEARNED_BASES = ("constant", "debias")
+PHEMA_START, PHEMA_END = "<!-- phema: written by scripts/readme_results.py --phema -->", "<!-- /phema -->"
+EMA_STDS = (0.05, 0.10, 0.15, 0.20, 0.25)
 SOLVERS = ("ddpm", "ddim", "dpmsolver++", "unipc")
 EXPERIMENT = "constant"
 
@@ -140,5 +146,65 @@ def densities() -> None:
     replace_block(DENSITY_START, DENSITY_END, block)
 
 
+def fid_cells(record: dict) -> list[str]:
+    fids = [record["metrics"].get(f"metrics/{s}.json", {}).get(s, {}).get("fid") for s in SOLVERS]
+    return [f"{f:.1f}" if f is not None else "–" for f in fids]
+
+
+def experiment_records() -> list[dict]:
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], check=True, capture_output=True,
+                           text=True).stdout
+    return experiments_from_exp_show(json.loads(shown))
+
+
+def learned() -> None:
+    """``weighting: learned`` on each base in :data:`LEARNED_BASES`, against the baseline in the workspace."""
+    os.chdir(ROOT)
+    seconds = [timed(sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"learned-{base}", "-S",
+                     "weighting=learned", "-S", f"loss.learned_base={base}") for base in LEARNED_BASES]
+    records = experiment_records()
+    runs = [("debias (baseline)", next(r for r in records if r["rev"] == "workspace")),
+            *((f"learned on {base}", next(r for r in records if r["name"] == f"learned-{base}"))
+              for base in LEARNED_BASES)]
+    header = ["weighting", *(f"FID {s}" for s in SOLVERS)]
+    rows = [header, ["---"] * len(header), *([name, *fid_cells(record)] for name, record in runs)]
+    block = "\n".join([
+        LEARNED_START,
+        f"Measured {datetime.date.today().isoformat()} on a {machine()} by `python scripts/readme_results.py "
+        f"--learned` ({sum(seconds) / 60:.0f} min for the two runs):",
+        "",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        LEARNED_END,
+    ])
+    replace_block(LEARNED_START, LEARNED_END, block)
+
+
+def phema_sweep() -> None:
+    """One training with ``train.ema: phema`` in the workspace, then ``sample.ema_std`` over :data:`EMA_STDS`
+    (only sampling and scoring rerun); params.yaml is restored at the end."""
+    os.chdir(ROOT)
+    try:
+        trained = timed(sys.executable, "-m", "dvc", "exp", "run", "-n", "phema", "-S", "train.ema=phema")
+        seconds = [timed(sys.executable, "-m", "dvc", "exp", "run", "-n", f"ema-std-{std}", "-S",
+                         f"sample.ema_std={std}") for std in EMA_STDS]
+    finally:
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=ROOT, check=True)
+    records = experiment_records()
+    runs = [("tracked profile σ_rel 0.05 (sample.ema_std: null)", next(r for r in records if r["name"] == "phema")),
+            *((f"{std:.2f}", next(r for r in records if r["name"] == f"ema-std-{std}")) for std in EMA_STDS)]
+    header = ["sample.ema_std", *(f"FID {s}" for s in SOLVERS)]
+    rows = [header, ["---"] * len(header), *([name, *fid_cells(record)] for name, record in runs)]
+    block = "\n".join([
+        PHEMA_START,
+        f"Measured {datetime.date.today().isoformat()} on a {machine()} by `python scripts/readme_results.py "
+        f"--phema`: the training with train.ema=phema took {trained / 60:.1f} min, each EMA length after it "
+        f"{sum(seconds) / len(seconds) / 60:.1f} min (sampling and scoring only):",
+        "",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        PHEMA_END,
+    ])
+    replace_block(PHEMA_START, PHEMA_END, block)
+
+
 if __name__ == "__main__":
-    densities() if sys.argv[1:] == ["--densities"] else main()
+    {"--densities": densities, "--learned": learned, "--phema": phema_sweep}.get(" ".join(sys.argv[1:]), main)()

@@ -191,3 +191,12 @@ def test_prune_removes_only_the_states_of_other_recipes(tmp_path, monkeypatch):
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted([current, "notes"])
     assert_one_line_error(cli("prune", "--dir", tmp_path / "nowhere"))
+
+
+def test_info_lists_every_registry_beyond_the_paper_included():
+    result = cli("info")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in result.output.splitlines()}
+    assert lines["weightings"].endswith("edm, learned")
+    assert lines["timesteps"] == "uniform, lognormal, logistic, laplace, loss_second_moment"
+    assert lines["emas"].startswith("traditional, phema")

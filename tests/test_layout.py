@@ -18,9 +18,9 @@ MAX_LINES = 350
 # a module may import modules of its own layer or a lower one, never a higher one
 LAYERS = [
     {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress"},
-    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures"},
+    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema"},
     {"debias.models", "debias.models.layers", "debias.models.unet", "debias.samplers", "debias.checkpoints",
-     "debias.data", "debias.metrics"},
+     "debias.data", "debias.metrics", "debias.posthoc"},
     {"debias.config"},
     {"debias.models.factory", "debias.sampling", "debias.streaming", "debias.sources", "debias.convert",
      "debias.train", "debias.analysis", "debias.report"},

@@ -335,3 +335,21 @@ def test_another_recipe_never_erases_a_training_state(project):
     assert f"resuming at step {MICRO['train']['steps']}" in longer.stdout + longer.stderr
     resumed = (project / "logs" / "train_log.tsv").read_text()
     assert resumed.startswith(log) and len(resumed.splitlines()) == len(log.splitlines()) + 2
+
+
+def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
+    """With train.ema: phema the profiles are exported to models/phema/; `dvc exp run -S sample.ema_std=…`
+    then reruns only sampling and scoring (and the report), from the EMA of that length rebuilt post hoc."""
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    dvc("exp", "run", "-n", "phema", "-S", "train.ema=phema", "-S", "train.phema_every=3",
+        "-S", "weighting=learned", cwd=copy)
+    assert sorted(p.name for p in (copy / "models" / "phema").iterdir()) == \
+        [f"phema-{s:07d}.pt" for s in (3, 6, 9, 12)]
+    fid = json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"]
+    swept = dvc("exp", "run", "-n", "phema-013", "-S", "sample.ema_std=0.13", cwd=copy).stdout
+    ran = {line.split("'")[1] for line in swept.splitlines() if line.startswith("Running stage")}
+    assert ran == {"sample@ddim", "sample@unipc", "evaluate@ddim", "evaluate@unipc", "report"}, swept
+    assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] != fid
+    plots = json.loads((copy / "logs" / "dvclive" / "plots" / "custom" / "weighting.json").read_text())
+    assert any(point["u"] != 0 for point in plots)

@@ -14,6 +14,8 @@ import yaml
 
 import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
+from debias.diffusion.schedule import Schedule
+from debias.diffusion.weighting import loss_weights
 from debias.config import config_from_dict
 from debias.errors import DebiasError
 from debias.train.logs import LIVE_DIR, TIMESTEP_LOG, TRAIN_LOG
@@ -182,8 +184,12 @@ def test_sigkill_and_rerun_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path):
-    overrides = ["train.steps=4", "train.log_every=2", "train.warmup_steps=0", "train.lr=0.0001", "model.dropout=0.0"]
+@pytest.mark.parametrize("recipe", [[], ["weighting=learned", "train.ema=phema", "train.phema_every=2"]])
+def test_two_gloo_processes_match_one(tmp_path, recipe):
+    """The same weights and logs — with weighting: learned also the same uncertainty head (its gradients are
+    averaged by hand), with train.ema: phema the same profiles."""
+    overrides = ["train.steps=4", "train.log_every=2", "train.warmup_steps=0", "train.lr=0.0001", "model.dropout=0.0",
+                 *recipe]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(cli(tmp_path, tmp_path / "ddp", overrides, launcher), timeout=180, capture_output=True,
                           text=True)
@@ -193,6 +199,15 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert ddp.step == single.step == 4
     for name, value in single.model.items():
         torch.testing.assert_close(ddp.model[name], value, atol=1e-5, rtol=0)
+    for key, state in single.ema.items():
+        for name, value in state.items():
+            torch.testing.assert_close(ddp.ema[key][name], value, atol=1e-5, rtol=0)
+    if recipe:
+        assert list(ddp.ema) == ["phema-0.050", "phema-0.100"]
+        assert (tmp_path / "ddp" / "phema" / "phema-0000004.pt").exists()
+        for name, value in single.extra["uncertainty"].items():
+            torch.testing.assert_close(ddp.extra["uncertainty"][name], value, atol=1e-6, rtol=0)
+        assert single.extra["uncertainty"]["linear.weight"].abs().max() > 0
     for a, b in zip(log_without_speed(tmp_path / "ddp")[1:], log_without_speed(tmp_path / "single")[1:]):
         assert [float(x) for x in a] == pytest.approx([float(x) for x in b], rel=1e-4)
 
@@ -216,3 +231,38 @@ def test_timestep_densities_train_and_resume_bitwise(tmp_path, density):
     others = [o for o in density if not o.startswith(("train.timestep_sampler", "loss.importance"))]
     uniform = train(tiny("train.snapshot_steps=[12]", *others), tmp_path / "uniform", progress=False)
     assert uniform.loss != full.loss
+
+
+# ----------------------------------------------------------------------------- weighting: learned
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_learned_weighting_trains_resumes_bitwise_and_keeps_its_head(tmp_path, target):
+    cfg = tiny("weighting=learned", "loss.learned_base=debias", f"target={target}", "train.snapshot_steps=[12]")
+    assert cfg.model.learn_sigma
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full.loss is not None and math.isfinite(full.loss)
+    train(cfg, tmp_path / "split", progress=False, stop_after=7)
+    train(cfg, tmp_path / "split", progress=False)
+    assert_same_weights(tmp_path / "full", tmp_path / "split")
+    assert log_without_speed(tmp_path / "full") == log_without_speed(tmp_path / "split")
+    heads = [load_checkpoint(tmp_path / run / CHECKPOINT).extra["uncertainty"] for run in ("full", "split")]
+    assert heads[0].keys() == {"freqs", "phases", "linear.weight", "linear.bias"}
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    assert heads[0]["linear.weight"].abs().max() > 0  # it learned
+    export_model(tmp_path / "full", tmp_path / "model.pt")
+    exported = load_checkpoint(tmp_path / "model.pt").extra["uncertainty"]
+    assert all(torch.equal(exported[k], heads[0][k]) for k in heads[0])
+    plot = json.loads((tmp_path / "full" / LIVE_DIR / "plots" / "custom" / "weighting.json").read_text())
+    assert len(plot) == cfg.diffusion.steps and plot[0].keys() == {"t", "weight", "u"}
+    assert any(point["u"] != 0 for point in plot)
+    assert plot == json.loads((tmp_path / "split" / LIVE_DIR / "plots" / "custom" / "weighting.json").read_text())
+
+
+def test_a_fixed_weighting_plots_its_weight_with_u_zero(tmp_path):
+    cfg = tiny("train.steps=3", "train.snapshot_steps=[]")
+    train(cfg, tmp_path, progress=False)
+    plot = json.loads((tmp_path / LIVE_DIR / "plots" / "custom" / "weighting.json").read_text())
+    weights = loss_weights(cfg.weighting, Schedule.named("linear", 1000).snr, cfg.target, cfg.loss)
+    assert [p["u"] for p in plot] == [0.0] * 1000
+    assert [p["weight"] for p in plot] == pytest.approx(weights.tolist(), rel=1e-12)
+    assert "uncertainty" not in load_checkpoint(tmp_path / CHECKPOINT).extra

@@ -10,7 +10,8 @@ from debias.diffusion.schedule import Schedule
 from debias.diffusion.weighting import (WEIGHTINGS, WeightingParams, eps_weight, loss_weights, target_weight)
 
 SNR = torch.tensor([1e-4, 0.03, 0.5, 1.0, 3.0, 25.0, 1e4], dtype=torch.float64)
-P = WeightingParams(p2_gamma=0.5, p2_k=1.0, min_snr_gamma=5.0, sigmoid_bias=1.5, edm_sigma_data=0.5)
+P = WeightingParams(p2_gamma=0.5, p2_k=1.0, min_snr_gamma=5.0, sigmoid_bias=1.5, edm_sigma_data=0.5,
+                    learned_base="debias")
 
 CLOSED_FORMS = {
     "constant": lambda s: 1.0,
@@ -21,6 +22,7 @@ CLOSED_FORMS = {
     "max_snr": lambda s: max(1.0, 1.0 / s),
     "sigmoid": lambda s: 1.0 / (1.0 + math.exp(-(1.5 - math.log(s)))),
     "edm": lambda s: ((1 / s) + 0.25) / ((1 / s) * 0.25) / s,
+    "learned": lambda s: s ** -0.5,  # its base (here debias); the learned 1/e^u is applied in the loss
 }
 
 
@@ -60,6 +62,7 @@ def test_target_space_weight_gives_the_eps_space_gradient(name, target):
 def test_constant_is_unit_weight_in_every_space():
     for target in ("eps", "x0", "v"):
         assert torch.equal(target_weight("constant", SNR, target), torch.ones_like(SNR))
+        assert torch.equal(target_weight("learned", SNR, target), torch.ones_like(SNR))  # on its default base
 
 
 def test_snr_weighting_is_plain_x0_mse():

@@ -7,14 +7,15 @@ Each registry binds its implementations to exactly these names and checks it whe
 (:mod:`debias.data`), solvers, arithmetic (:mod:`debias.samplers`), UniPC variants
 (:mod:`debias.samplers.unipc`), spacings (:mod:`debias.samplers.grid`), presets
 (:mod:`debias.samplers.presets`), metrics (:mod:`debias.metrics.scores`), devices and precisions
-(:mod:`debias.runtime`), timestep samplers (:mod:`debias.diffusion.densities`).
+(:mod:`debias.runtime`), timestep samplers (:mod:`debias.diffusion.densities`), EMAs
+(:mod:`debias.train.state`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-WEIGHTINGS = ("constant", "p2", "min_snr", "snr", "debias", "max_snr", "sigmoid", "edm")
+WEIGHTINGS = ("constant", "p2", "min_snr", "snr", "debias", "max_snr", "sigmoid", "edm", "learned")
 WEIGHT_SPACES = ("eps", "target")
 TARGETS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
@@ -29,6 +30,7 @@ PRESETS = ("none", "upstream")
 METRICS = ("fid", "sfid", "kid", "pr", "isc")
 DEVICES = ("cpu", "cuda", "auto")  # the names params.yaml takes (the library also takes cuda:N)
 PRECISIONS = ("fp32", "bf16", "fp16")
+EMAS = ("traditional", "phema")
 TIMESTEP_SAMPLERS = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
 
 

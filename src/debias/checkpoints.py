@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from debias import __version__
 from debias.errors import DebiasError
 from debias.io import atomic_write
+from debias.phema import STD_MAX
 
 FORMAT = "debias-checkpoint"
 FORMAT_VERSION = 2  # 2: per-tensor CRC-32 checksums; 1 (read too): none
@@ -43,7 +44,8 @@ class Checkpoint:
     """Everything needed to resume training or to sample.
 
     ``unet_kwargs`` are the exact ``UNetModel(**kwargs)`` arguments, so a model is rebuilt without
-    reinterpreting the config; ``ema`` maps the rate (as a string, e.g. "0.999") to its weights.
+    reinterpreting the config; ``ema`` maps the rate (as a string, e.g. "0.999") or the power-function
+    profile (``phema-0.050``, :mod:`debias.phema`) to its weights.
     """
 
     config: dict
@@ -229,8 +231,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ema, dict):
         raise DebiasError(f"{path}: 'ema' is a {type(ema).__name__}, not a mapping of rates to weights")
     for rate, weights in ema.items():
-        if not isinstance(rate, str) or not _is_rate(rate):
-            raise DebiasError(f"{path}: EMA rate {rate!r} is not a number in [0, 1)")
+        if not isinstance(rate, str) or not _is_ema_name(rate):
+            raise DebiasError(f"{path}: EMA {rate!r} is neither a rate in [0, 1) nor a profile phema-<σ_rel>")
         _weights(path, weights, f"ema.{rate}")
     _weights(path, blob["model"], "model")
     for key, kind in (("optimizer", dict), ("scaler", dict), ("rng", dict), ("extra", dict)):
@@ -245,12 +247,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                       extra=blob.get("extra") or {}, library_version=str(blob.get("library_version", "unknown")))
 
 
-def _is_rate(text: str) -> bool:
+def _is_ema_name(text: str) -> bool:
+    """A traditional EMA's rate in [0, 1) ("0.999") or a power-function profile's σ_rel ("phema-0.050")."""
+    profile = text.startswith("phema-")
     try:
-        rate = float(text)
+        value = float(text.removeprefix("phema-"))
     except ValueError:
         return False
-    return math.isfinite(rate) and 0.0 <= rate < 1.0
+    return math.isfinite(value) and (0.0 < value < STD_MAX if profile else 0.0 <= value < 1.0)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str, check_only: bool = False) -> None:

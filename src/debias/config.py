@@ -17,10 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, METRICS, PRECISIONS, PRESETS, SCHEDULES, SOLVERS, SPACINGS,
+from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, EMAS, METRICS, PRECISIONS, PRESETS, SCHEDULES, SOLVERS, SPACINGS,
                             TARGETS, TIMESTEP_SAMPLERS, WEIGHT_SPACES, WEIGHTINGS)
 from debias.diffusion.weighting import WeightingParams
 from debias.metrics.extractor import BATCH_SIZE
+from debias.phema import STD_MAX
 from debias.samplers import OPTIONS, option_problem
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
 
@@ -106,8 +107,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
+    ema: str = "traditional"         # traditional: one EMA per ema_rates | phema: EDM2's power-function profiles
     ema_rates: list[float] = field(default_factory=lambda: [0.999])
     ema_warmup: bool = True          # rate_k = min(rate, (1 + k)/(10 + k)) so short runs get a useful EMA
+    phema_std: list[float] = field(default_factory=lambda: [0.05, 0.10])  # σ_rel of the profiles (debias.phema)
+    phema_every: int = 100           # steps between snapshots of the profiles (and at the end)
     precision: str = "fp32"
     checkpoint_every: int = 500
     snapshot_steps: list[int] = field(default_factory=lambda: [500, 1000, 1500])  # those beyond steps are skipped
@@ -133,6 +137,11 @@ class TrainConfig:
         require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         require(len(self.ema_rates) >= 1 and all(0 <= r < 1 for r in self.ema_rates), "train.ema_rates",
                  "must be a non-empty list of rates in [0, 1)")
+        one_of(self.ema, EMAS, "train.ema")
+        require(1 <= len(self.phema_std) <= 8 and len(set(self.phema_std)) == len(self.phema_std)
+                and all(0 < s < STD_MAX for s in self.phema_std), "train.phema_std",
+                f"must be 1 to 8 distinct EMA lengths σ_rel in (0, {STD_MAX:.4f})")
+        require(self.phema_every >= 1, "train.phema_every", "must be >= 1")
         one_of(self.precision, PRECISIONS, "train.precision")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         require(all(s >= 1 for s in self.snapshot_steps), "train.snapshot_steps", "must be positive step numbers")
@@ -160,6 +169,7 @@ class SampleConfig:
     unipc_variant: str = OPTIONS["variant"].default  # UniPC B(h): bh1 or bh2
     lower_order_final: int = OPTIONS["lower_order_final"].default  # DPM-Solver: runs of fewer steps lower their last orders
     ema: bool = True                 # sample the first EMA's weights
+    ema_std: float | None = None     # sample the post-hoc EMA of this σ_rel (needs train.ema: phema; debias.phema)
     precision: str = "fp32"          # fp32 (TF32 matmuls on CUDA) | bf16 | fp16 (CUDA): autocast
     compile: bool = False
     device: str = "auto"             # auto: every visible GPU (one process each), else the CPU
@@ -181,6 +191,8 @@ class SampleConfig:
                             ("lower_order_final", "lower_order_final")):
             problem = option_problem(option, getattr(self, key))
             require(problem is None, f"sample.{key}", str(problem))
+        require(self.ema_std is None or 0 < self.ema_std < STD_MAX, "sample.ema_std",
+                f"must be null or an EMA length σ_rel in (0, {STD_MAX:.4f})")
         one_of(self.precision, PRECISIONS, "sample.precision")
         one_of(self.device, DEVICES, "sample.device")
         require(self.chunk_size >= 1, "sample.chunk_size", "must be >= 1")
@@ -263,6 +275,7 @@ class Config:
         require(self.loss.min_snr_gamma > 0, "loss.min_snr_gamma", "must be > 0")
         require(self.loss.edm_sigma_data > 0, "loss.edm_sigma_data", "must be > 0")
         one_of(self.loss.weight_space, WEIGHT_SPACES, "loss.weight_space")
+        one_of(self.loss.learned_base, tuple(w for w in WEIGHTINGS if w != "learned"), "loss.learned_base")
         require("kid" not in self.eval.metrics or self.eval.kid_subset_size <= self.sample.num_samples,
                  "eval.kid_subset_size", f"must be <= sample.num_samples={self.sample.num_samples} (KID draws subsets of the samples)")
 

@@ -1,4 +1,5 @@
-"""`debias compare` (recipes across DVC experiments) and `debias convert` (the original's checkpoints)."""
+"""`debias compare` (recipes across DVC experiments), `debias convert` (the original's checkpoints) and
+`debias phema` (an EMA length chosen after training)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,27 @@ def convert_command(
     cfg = ckpt.config
     typer.echo(f"{out}: {cfg['data']['image_size']}x{cfg['data']['image_size']} UNet, target {cfg['target']}, "
                f"{cfg['diffusion']['schedule']} schedule, T={cfg['diffusion']['steps']}")
+
+
+@app.command("phema")
+@user_errors
+def phema_command(
+    checkpoint_dir: Path = typer.Argument(..., help="A folder of post-hoc EMA snapshots (phema-<step>.pt), or a run folder "
+                                           "holding phema/: models/phema, checkpoints/<recipe>."),
+    std: float = typer.Option(..., "--std", help="The EMA length σ_rel to rebuild, in (0, 0.2887), e.g. 0.13."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the checkpoint."),
+    step: Optional[int] = typer.Option(None, "--step", help="Rebuild the EMA as it was at this step (default: the last snapshot).", min=1),
+    using: Optional[str] = typer.Option(None, "--using", help="Combine only the stored profiles of these σ_rel, e.g. 0.05,0.10 (default: all)."),
+) -> None:
+    """Rebuild the EMA of any length from the power-function profiles of a run trained with
+    train.ema: phema (EDM2's post-hoc EMA), without retraining."""
+    from debias.posthoc import reconstruct_to
+
+    try:
+        stds = None if using is None else [float(v) for v in using.split(",")]
+    except ValueError:
+        raise DebiasError(f"--using must be σ_rel values separated by commas, got {using!r}") from None
+    ckpt = reconstruct_to(checkpoint_dir, std, out, step, stds)
+    info = ckpt.extra["phema"]
+    typer.echo(f"{out}: EMA σ_rel={std:g} at step {ckpt.step} from {len(info['snapshots'])} snapshots "
+               f"of {len(info['coefficients']) // len(info['snapshots'])} profiles")

@@ -116,12 +116,13 @@ def info_command() -> None:
     from debias.diffusion.targets import TARGETS
     from debias.diffusion.weighting import WEIGHTINGS
     from debias.diffusion.densities import SAMPLERS as TIMESTEP_SAMPLERS
+    from debias.catalog import EMAS
     from debias.samplers import SOLVERS
 
     cuda = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
     rows = [("debias", __version__), ("torch", f"{torch.__version__} ({cuda})"),
             ("weightings", ", ".join(WEIGHTINGS)), ("targets", ", ".join(TARGETS)),
             ("schedules", ", ".join(SCHEDULES)), ("solvers", ", ".join(SOLVERS)),
-            ("timesteps", ", ".join(TIMESTEP_SAMPLERS))]
+            ("timesteps", ", ".join(TIMESTEP_SAMPLERS)), ("emas", ", ".join(EMAS) + " (debias phema)")]
     for key, value in rows:
         typer.echo(f"{key:<11} {value}")

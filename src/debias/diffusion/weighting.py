@@ -9,6 +9,10 @@ predicts another target is trained on the same objective expressed in its own sp
 ``constant`` is the one exception: unit weight on the chosen target's own MSE (the "simple" loss
 of DDPM for ε, and the plain x0-/v-MSE baselines of the paper).
 
+``learned`` is EDM2's uncertainty weighting (Karras et al. 2024, "Analyzing and Improving the Training
+Dynamics of Diffusion Models", §5 "Loss weighting"): the base weighting ``loss.learned_base`` as w here,
+divided in the loss by e^{u(t)} of a jointly trained head (:mod:`debias.diffusion.uncertainty`).
+
 ``weight_space: target`` repeats the original code literally instead: it multiplies the chosen
 target's own MSE by w(SNR) unchanged, which in ε-space is the weight w/SNR for x0 and
 w·(1 + SNR)/SNR for v (the same as ``eps`` for an ε-model).
@@ -39,6 +43,7 @@ class WeightingParams:
     normalize: bool = False      # rescale the applied weight to mean 1 over t
     weight_space: str = "eps"    # eps: w on the ε-MSE (carried into the target's space) | target: w on the target's MSE
     importance_correction: bool = False  # × 1/(T p(t)) for train.timestep_sampler's p: the uniform objective
+    learned_base: str = "constant"  # weighting: learned — the weighting w that the learned e^{-u(t)} multiplies
 
 
 def constant(snr: Tensor, p: WeightingParams) -> Tensor:
@@ -82,6 +87,12 @@ def edm(snr: Tensor, p: WeightingParams) -> Tensor:
     return 1.0 + 1.0 / (p.edm_sigma_data ** 2 * snr)
 
 
+def learned(snr: Tensor, p: WeightingParams) -> Tensor:
+    """EDM2's uncertainty weighting: the base weighting ``p.learned_base`` here; the loss divides it by the
+    learned e^{u(t)} and adds u(t) (:func:`debias.diffusion.losses.diffusion_loss`)."""
+    return WEIGHTINGS[base_weighting("learned", p)](snr, p)
+
+
 WEIGHTINGS: dict[str, Callable[[Tensor, WeightingParams], Tensor]] = {
     "constant": constant,
     "p2": p2,
@@ -91,6 +102,7 @@ WEIGHTINGS: dict[str, Callable[[Tensor, WeightingParams], Tensor]] = {
     "max_snr": max_snr,
     "sigmoid": sigmoid,
     "edm": edm,
+    "learned": learned,
 }
 check_registry(WEIGHTINGS, catalog.WEIGHTINGS, "weighting")
 
@@ -104,6 +116,15 @@ def check_weighting(name: str) -> str:
     return name
 
 
+def base_weighting(name: str, params: WeightingParams) -> str:
+    """The fixed weighting behind ``name``: ``params.learned_base`` for ``learned``, else ``name``."""
+    if name != "learned":
+        return name
+    if params.learned_base not in WEIGHTINGS or params.learned_base == "learned":
+        raise ValueError(f"loss.learned_base must be a fixed weighting, got {params.learned_base!r}")
+    return params.learned_base
+
+
 def eps_weight(name: str, snr: Tensor, params: WeightingParams = WeightingParams()) -> Tensor:
     """w(SNR) on the ε-space MSE, same shape and dtype as ``snr``."""
     return WEIGHTINGS[check_weighting(name)](snr, params)
@@ -114,7 +135,7 @@ def target_weight(name: str, snr: Tensor, target: str, params: WeightingParams =
     w(SNR) itself with ``params.weight_space == "target"`` (the original's literal weighting)."""
     check_target(target)
     w = eps_weight(name, snr, params)
-    if name == "constant" or target == "eps" or params.weight_space == "target":
+    if base_weighting(name, params) == "constant" or target == "eps" or params.weight_space == "target":
         return w
     if target == "x0":
         return w * snr

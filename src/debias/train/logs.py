@@ -1,7 +1,9 @@
 """The training logs, written by rank 0 from all-reduced sums: ``train_log.tsv`` (a row every
 ``train.log_every`` steps), ``timestep_loss.tsv`` (the loss over the run per bucket of timesteps), and
 the same through DVCLive in ``dvclive/`` — step, loss, unweighted MSE and images/s as metrics (what
-``dvc exp show`` lists, live while a run trains) and plots, and the per-timestep loss as a plot."""
+``dvc exp show`` lists, live while a run trains) and plots, the per-timestep loss as a plot, and the
+weighting per timestep as a plot (``weighting``: the applied weight w(t)/e^{u(t)} and the learned u(t)
+of ``weighting: learned``, 0 for a fixed weighting)."""
 
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ class MetricLogs:
     uninterrupted run has it, even if the file was lost or holds rows past the checkpoint.
     """
 
-    def __init__(self, log_dir: Path, num_timesteps: int, device: torch.device, ranks: Ranks):
+    def __init__(self, log_dir: Path, num_timesteps: int, device: torch.device, ranks: Ranks,
+                 weights: Tensor | None = None):
         self.log_dir, self.num_timesteps, self.ranks = log_dir, num_timesteps, ranks
+        self.weights = None if weights is None else weights.detach().double().cpu()  # (T,) on the target's MSE
+        self.u: Tensor | None = None  # (T,) the learned u(t) at the last row
         self.interval = torch.zeros(3, dtype=torch.float64, device=device)   # Σ loss, Σ mse, Σ vb
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)  # Σ over steps (same on all ranks)
         self.interval_steps = 0
@@ -53,8 +58,9 @@ class MetricLogs:
         rows = torch.stack([loss, mse, torch.ones_like(loss)], dim=1).double()
         self.buckets.index_add_(0, timestep_buckets(t, self.num_timesteps, BUCKETS), rows)
 
-    def write_row(self, step: int, lr: float, images_per_s: float, batch_size: int) -> None:
-        """Append the mean over the steps since the last row (all ranks must call this)."""
+    def write_row(self, step: int, lr: float, images_per_s: float, batch_size: int, u: Tensor | None = None) -> None:
+        """Append the mean over the steps since the last row (all ranks must call this); ``u`` (T,) is the
+        learned u(t) now (None: a fixed weighting)."""
         sums = all_reduced(self.interval, self.ranks).tolist()
         count = self.interval_steps * batch_size
         loss, mse, vb = (s / count for s in sums)
@@ -70,6 +76,19 @@ class MetricLogs:
             self._live_row(self.rows[-1])
             self.live.make_summary()
             self._write_buckets(buckets)
+            self.u = None if u is None else u.detach().double().cpu()
+            self._write_weighting()
+
+    def _write_weighting(self) -> None:
+        """The applied weight w(t)/e^{u(t)} and u(t) at (at most 1000) timesteps."""
+        if self.weights is None:
+            return
+        u = self.u if self.u is not None else torch.zeros_like(self.weights)
+        stride = max(1, self.num_timesteps // 1000)
+        points = [{"t": t, "weight": float(self.weights[t] * torch.exp(-u[t])), "u": float(u[t])}
+                  for t in range(0, self.num_timesteps, stride)]
+        self.live.log_plot("weighting", points, x="t", y="weight", template="linear",
+                           title="applied weight w(t)/e^u(t) on the target's MSE", x_label="t", y_label="weight")
 
     def _write_buckets(self, buckets: Tensor) -> None:
         """One row per bucket of t: first and last t, mean loss and mse over the run, sample count."""
@@ -90,7 +109,7 @@ class MetricLogs:
         """Global totals for a checkpoint (all ranks must call this)."""
         return {"interval": all_reduced(self.interval, self.ranks).cpu(), "grad_norm": self.grad_norm.cpu(),
                 "interval_steps": self.interval_steps, "buckets": all_reduced(self.buckets, self.ranks).cpu(),
-                "last_loss": self.last_loss, "rows": list(self.rows)}
+                "last_loss": self.last_loss, "rows": list(self.rows), "u": self.u}
 
     def load_state(self, state: dict) -> None:
         if self.ranks.main:
@@ -100,6 +119,7 @@ class MetricLogs:
         self.grad_norm.copy_(state["grad_norm"])
         self.interval_steps = int(state["interval_steps"])
         self.last_loss = state["last_loss"]
+        self.u = state.get("u")
 
     def start(self) -> None:
         """Rank 0: rewrite ``train_log.tsv`` and ``dvclive/`` with the rows so far (none for a fresh run),
@@ -114,6 +134,7 @@ class MetricLogs:
         if self.rows:
             self.live.make_summary()
             self._write_buckets(self.buckets)
+            self._write_weighting()
         else:
             (self.log_dir / TIMESTEP_LOG).unlink(missing_ok=True)
 

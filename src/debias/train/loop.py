@@ -28,6 +28,7 @@ from debias.data import ImageDataset, load_dataset
 from debias.diffusion.densities import TimestepSampler
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule
+from debias.diffusion.uncertainty import UncertaintyHead
 from debias.diffusion.weighting import loss_weights
 from debias.errors import DebiasError, one_line
 from debias.models.factory import unet_kwargs_for
@@ -36,7 +37,7 @@ from debias.progress import Progress
 from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
-from debias.train.state import EMA, EpochSampler, cpu_state, make_generators
+from debias.train.state import EMA, EpochSampler, cpu_state, ema_decays, make_generators
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,22 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = prepare_network(UNetModel(**unet_kwargs), device)
-        self.params = list(self.model.parameters())
+        # weighting: learned — EDM2's u(λ), trained with the network (its gradients averaged over ranks by hand)
+        self.uncertainty = UncertaintyHead().to(device) if cfg.weighting == "learned" else None
+        self.params = list(self.model.parameters()) + list(self.uncertainty.parameters() if self.uncertainty else ())
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay,
                                            **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
         self.autocast_dtype = autocast_dtype(tc.precision, device, fallback=True)
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
-        self.ema = EMA(self.model, tc.ema_rates, tc.ema_warmup)
+        self.ema = EMA(self.model, ema_decays(tc.ema, tc.ema_rates, tc.ema_warmup, tc.phema_std))
         self.generators = make_generators(cfg.seed, device)
 
         self.schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).to(device)
         self.weights = loss_weights(cfg.weighting, self.schedule.snr, cfg.target, cfg.loss).to(device)
-        self.timesteps = TimestepSampler(tc.timestep_sampler, self.schedule.snr.log(), device, ranks,
+        self.log_snr = self.schedule.snr.log().to(device)
+        self.timesteps = TimestepSampler(tc.timestep_sampler, self.log_snr, device, ranks,
                                          tc.timestep_loc, tc.timestep_scale)
-        self.logs = MetricLogs(log_dir, self.schedule.num_timesteps, device, ranks)
+        self.logs = MetricLogs(log_dir, self.schedule.num_timesteps, device, ranks, self.weights)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)    # on-device copy of the step
         self.forward = self._wrap_model()
@@ -128,8 +132,9 @@ class Trainer:
         if self.cfg.loss.importance_correction:  # E_p[w/(T p) L] = the uniform objective (densities.py, eq. 1)
             correction = self.timesteps.correction()
             weights = weights * correction
+        u = self.uncertainty(self.log_snr[t]) if self.uncertainty is not None else None
         terms = diffusion_loss(self.schedule, out.float(), x0, noise, t, self.cfg.target, weights,
-                               self.cfg.model.learn_sigma)
+                               self.cfg.model.learn_sigma, u)
         loss = terms.loss.mean()
         if self.timesteps.adaptive:  # loss_second_moment learns from the loss without its correction
             seen = terms.loss.detach() / correction[t] if self.cfg.loss.importance_correction else terms.loss.detach()
@@ -139,6 +144,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.uncertainty is not None and self.ranks.world > 1:
+            grads = [p.grad for p in self.uncertainty.parameters()]
+            torch._foreach_div_(grads, self.ranks.world)
+            for grad in grads:
+                dist.all_reduce(grad)
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -152,6 +162,11 @@ class Trainer:
         self.step_count += 1
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step_count, self.first_bad)
         self.logs.accumulate(terms.loss.detach(), terms.mse.detach(), terms.vb.detach(), t, grad_norm.detach())
+
+    @torch.no_grad()
+    def learned_u(self) -> Tensor | None:
+        """u(t) (T,) of the uncertainty head on the CPU (None for a fixed weighting)."""
+        return None if self.uncertainty is None else self.uncertainty(self.log_snr).cpu()
 
     def first_bad_step(self) -> int | None:
         """The first step with a non-finite loss on any rank, or None (a host sync)."""
@@ -177,19 +192,29 @@ class Trainer:
         optimizer, RNG and log state needed to resume."""
         ckpt = Checkpoint(config=self.cfg.to_dict(), unet_kwargs=self.unet_kwargs, model=cpu_state(self.model),
                           ema=self.ema.state_dicts(self.model), step=step)
+        if self.uncertainty is not None:
+            ckpt.extra["uncertainty"] = cpu_state(self.uncertainty)
         if log_state is not None:
             epoch, position = self.sampler.position(step)
             ckpt.optimizer = self.optimizer.state_dict()
             ckpt.scaler = self.scaler.state_dict() if self.scaler is not None else None
             ckpt.rng = self.rng_state()
-            ckpt.extra = {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position,
+            ckpt.extra |= {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position,
                           "timesteps": self.timesteps.state()}
         return ckpt
+
+    def profiles(self, step: int) -> Checkpoint:
+        """The power-function EMA profiles at ``step`` (``train.ema: phema``), for :mod:`debias.phema`."""
+        ema = self.ema.state_dicts(self.model)
+        return Checkpoint(config=self.cfg.to_dict(), unet_kwargs=self.unet_kwargs, model=next(iter(ema.values())),
+                          ema=ema, step=step)
 
     def restore(self, ckpt: Checkpoint, source: Path) -> None:
         """Continue from ``ckpt`` (read from ``source``): a part that does not fit is one line naming it."""
         restore_part(source, "model", lambda: self.model.load_state_dict(ckpt.model))
         restore_part(source, "ema", lambda: self.ema.load(ckpt.ema))
+        if self.uncertainty is not None:
+            restore_part(source, "uncertainty", lambda: self.uncertainty.load_state_dict(ckpt.extra["uncertainty"]))
         restore_part(source, "optimizer", lambda: self.optimizer.load_state_dict(ckpt.optimizer))
         if self.scaler is not None and ckpt.scaler:
             restore_part(source, "scaler", lambda: self.scaler.load_state_dict(ckpt.scaler))
@@ -213,6 +238,7 @@ class Trainer:
         """Steps ``start`` … ``end`` with logging, snapshots and checkpoints into ``run``; returns the last step."""
         tc, main = self.cfg.train, self.ranks.main
         snapshot_steps = set(tc.snapshot_steps)
+        phema = tc.ema == "phema"
         timer, timed_steps, step = time.perf_counter(), 0, start
         with Progress("train", "steps", enabled=progress and main) as bar:
             bar.update(start, tc.steps)
@@ -221,17 +247,20 @@ class Trainer:
                 step, timed_steps = k + 1, timed_steps + 1
                 due_log = step % tc.log_every == 0 or step == tc.steps
                 due_snapshot = step in snapshot_steps
+                due_profiles = phema and (step % tc.phema_every == 0 or step == tc.steps)
                 due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps
-                if due_log or due_snapshot or due_checkpoint:
+                if due_log or due_snapshot or due_checkpoint or due_profiles:
                     self._stop_if_non_finite(run)
                 if due_log:
                     now = time.perf_counter()
                     speed = timed_steps * tc.batch_size / (now - timer)
-                    self.logs.write_row(step, self.lr_at(k), speed, tc.batch_size)
+                    self.logs.write_row(step, self.lr_at(k), speed, tc.batch_size, self.learned_u())
                     timer, timed_steps = now, 0
                     bar.update(step, tc.steps, status=f"loss {self.logs.last_loss:.4g}, {speed:.0f} images/s")
                 if due_snapshot and main:
                     save_checkpoint(run.snapshot(step), self.checkpoint(step))
+                if due_profiles and main:
+                    save_checkpoint(run.phema_snapshot(step), self.profiles(step))
                 if due_checkpoint:
                     log_state = self.logs.state()  # collective: every rank takes part
                     if main:
@@ -284,7 +313,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
                 log.info("note: %s: %s at step %d of %d", run.checkpoint,
                          "already trained" if start == cfg.train.steps else "resuming", start, cfg.train.steps)
             if ckpt is not None and start == cfg.train.steps:
-                logs, saved = MetricLogs(run.log_dir, cfg.diffusion.steps, torch.device("cpu"), ranks), ckpt.extra.get("logs")
+                weights = loss_weights(cfg.weighting, Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).snr,
+                                       cfg.target, cfg.loss)
+                logs = MetricLogs(run.log_dir, cfg.diffusion.steps, torch.device("cpu"), ranks, weights)
+                saved = ckpt.extra.get("logs")
                 restore_part(run.checkpoint, "logs", lambda: logs.load_state(saved))
                 if ranks.main:  # the logs of this recipe, whatever another recipe left in log_dir
                     run.log_dir.mkdir(parents=True, exist_ok=True)

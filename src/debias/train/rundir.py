@@ -1,7 +1,8 @@
 """A training run's folder: where its files live, the lock, what to resume from, and the export.
 
 ``out_dir/checkpoint.pt`` holds everything a resumed run needs; ``out_dir/snapshots/step_{k:07d}.pt``
-the weights kept at ``train.snapshot_steps``; ``log_dir`` (often the same folder) the TSV logs of
+the weights kept at ``train.snapshot_steps``; ``out_dir/phema/phema-{k:07d}.pt`` the power-function EMA
+profiles every ``train.phema_every`` steps (``train.ema: phema``); ``log_dir`` (often the same folder) the TSV logs of
 :mod:`debias.train.logs`. Only rank 0 touches these files.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from debias import posthoc
 from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from debias.config import Config
 from debias.errors import DebiasError
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
+PHEMA_DIR = posthoc.SNAPSHOT_DIR
 # training-config keys that may change between a checkpoint and its resumption without changing the result
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_steps", "train.log_every",
                      "train.devices", "train.num_workers", "train.compile", "data.path", "data.on_error"}
@@ -64,6 +67,10 @@ class RunDir:
 
     def snapshot(self, step: int) -> Path:
         return self.out_dir / SNAPSHOT_DIR / f"step_{step:07d}.pt"
+
+    def phema_snapshot(self, step: int) -> Path:
+        """The power-function EMA profiles at ``step`` (:mod:`debias.phema`)."""
+        return self.out_dir / PHEMA_DIR / f"phema-{step:07d}.pt"
 
     @contextlib.contextmanager
     def locked(self, ranks: Ranks) -> Iterator[None]:
@@ -112,31 +119,37 @@ class RunDir:
 
     def remove_leftovers(self, fresh: bool) -> None:
         """Temporary files of a killed writer; for a fresh run also the old checkpoint and snapshots."""
-        snapshots = self.out_dir / SNAPSHOT_DIR
-        for folder, name in ((self.out_dir, CHECKPOINT), (snapshots, "step_*"), (self.log_dir, TRAIN_LOG),
-                             (self.log_dir, TIMESTEP_LOG)):
+        snapshots, profiles = self.out_dir / SNAPSHOT_DIR, self.out_dir / PHEMA_DIR
+        for folder, name in ((self.out_dir, CHECKPOINT), (snapshots, "step_*"), (profiles, "phema-*"),
+                             (self.log_dir, TRAIN_LOG), (self.log_dir, TIMESTEP_LOG)):
             for tmp in folder.glob(f".{name}.*.tmp"):
                 tmp.unlink(missing_ok=True)
         if fresh:
             self.checkpoint.unlink(missing_ok=True)
-            for old in snapshots.glob("step_*.pt"):
+            for old in [*snapshots.glob("step_*.pt"), *profiles.glob("phema-*.pt")]:
                 old.unlink()
 
 
-def export_model(checkpoint_dir: str | Path, model_path: str | Path, snapshots_dir: str | Path | None = None) -> None:
-    """Write the finished run's weights, EMAs and config (no optimizer or RNG state) to ``model_path``,
-    and copy its snapshots into ``snapshots_dir`` (replacing what was there)."""
+def export_model(checkpoint_dir: str | Path, model_path: str | Path, snapshots_dir: str | Path | None = None,
+                 phema_dir: str | Path | None = None) -> None:
+    """Write the finished run's weights, EMAs, uncertainty head and config (no optimizer or RNG state) to
+    ``model_path``, and copy its snapshots into ``snapshots_dir`` and its post-hoc EMA profiles (up to the
+    run's last step) into ``phema_dir``, replacing what was there."""
     checkpoint_dir = Path(checkpoint_dir)
     ckpt = load_checkpoint(checkpoint_dir / CHECKPOINT)
+    extra = {key: ckpt.extra[key] for key in ("uncertainty",) if key in ckpt.extra}
     save_checkpoint(model_path, Checkpoint(config=ckpt.config, unet_kwargs=ckpt.unet_kwargs, model=ckpt.model,
-                                           ema=ckpt.ema, step=ckpt.step))
-    if snapshots_dir is not None:
-        snapshots_dir = Path(snapshots_dir)
-        snapshots_dir.mkdir(parents=True, exist_ok=True)
-        for old in snapshots_dir.glob("step_*.pt"):
+                                           ema=ckpt.ema, step=ckpt.step, extra=extra))
+    for source, pattern, target in ((SNAPSHOT_DIR, "step_*.pt", snapshots_dir), (PHEMA_DIR, "phema-*.pt", phema_dir)):
+        if target is None:
+            continue
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
+        for old in target.glob(pattern):
             old.unlink()
-        for snap in sorted((checkpoint_dir / SNAPSHOT_DIR).glob("step_*.pt")):
-            atomic_write(snapshots_dir / snap.name, lambda f, src=snap: _copy_into(src, f))
+        for snap in sorted((checkpoint_dir / source).glob(pattern)):
+            if int(snap.stem.split("_")[-1].split("-")[-1]) <= ckpt.step:
+                atomic_write(target / snap.name, lambda f, src=snap: _copy_into(src, f))
 
 
 def _copy_into(src: Path, dst) -> None:

@@ -7,11 +7,14 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from debias.errors import DebiasError
+from debias.phema import beta, profile_key
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -61,28 +64,24 @@ class EpochSampler:
 
 
 class EMA:
-    """Exponential moving averages of a model's parameters at several rates.
+    """Moving averages of a model's parameters, one per named decay schedule β(k) of update k (0-based):
+    θ̂ ← β θ̂ + (1 − β) θ after every update (:func:`ema_decays` for ``train.ema``)."""
 
-    With warm-up the rate of update k (0-based) is min(rate, (1 + k)/(10 + k)), so short runs get a
-    useful average instead of one dominated by the initialisation.
-    """
-
-    def __init__(self, model: nn.Module, rates: list[float], warmup: bool):
+    def __init__(self, model: nn.Module, decays: dict[str, Callable[[int], float]]):
         named = list(model.named_parameters())
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
-        self.warmup = warmup
-        self.shadows = {str(rate): [p.detach().clone() for p in self.params] for rate in rates}
+        self.decays = decays
+        self.shadows = {key: [p.detach().clone() for p in self.params] for key in decays}
 
     @torch.no_grad()
     def update(self, k: int) -> None:
         current = [p.detach() for p in self.params]
-        for rate, shadow in self.shadows.items():
-            r = min(float(rate), (1 + k) / (10 + k)) if self.warmup else float(rate)
-            torch._foreach_lerp_(shadow, current, 1.0 - r)
+        for key, shadow in self.shadows.items():
+            torch._foreach_lerp_(shadow, current, 1.0 - self.decays[key](k))
 
     def state_dicts(self, model: nn.Module) -> dict[str, dict[str, Tensor]]:
-        """{rate: full model state dict with the averaged parameters} (CPU tensors)."""
+        """{name: full model state dict with the averaged parameters} (CPU tensors)."""
         base = cpu_state(model)
         return {rate: {**base, **{n: s.detach().cpu() for n, s in zip(self.names, shadow)}}
                 for rate, shadow in self.shadows.items()}
@@ -91,7 +90,7 @@ class EMA:
     def load(self, states: dict[str, dict[str, Tensor]]) -> None:
         missing = set(self.shadows) - set(states)
         if missing:
-            raise DebiasError(f"checkpoint has no EMA at rate {sorted(missing)[0]}")
+            raise DebiasError(f"checkpoint has no EMA {sorted(missing)[0]}")
         for rate, shadow in self.shadows.items():
             torch._foreach_copy_(shadow, [states[rate][n] for n in self.names])
 
@@ -99,3 +98,13 @@ class EMA:
 def cpu_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict as detached CPU tensors."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def ema_decays(kind: str, rates: list[float], warmup: bool, stds: list[float]) -> dict[str, Callable[[int], float]]:
+    """The EMAs of ``train.ema``: ``traditional`` — one per rate (named by it, e.g. "0.999"), with warm-up
+    β_k = min(rate, (1 + k)/(10 + k)) so short runs get a useful average; ``phema`` — EDM2's power-function
+    profiles of σ_rel ``stds`` (:mod:`debias.phema`, named e.g. "phema-0.050")."""
+    if kind == "phema":
+        return {profile_key(std): beta(std) for std in stds}
+    return {str(rate): (lambda k, r=rate: min(r, (1 + k) / (10 + k))) if warmup else (lambda k, r=rate: r)
+            for rate in rates}
