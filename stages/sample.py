@@ -2,13 +2,10 @@
 to disk in chunks (chunks/<solver>/, from which a killed run resumes), on every visible GPU — from
 models/model.pt, or with sample.ema_std from the post-hoc EMA of that length rebuilt from models/phema/."""
 
-import tempfile
-from pathlib import Path
-
 from debias.config import Config
 from debias.errors import DebiasError
-from debias.posthoc import reconstruct_to
-from debias.pipeline import MODEL, PHEMA, chunks_dir, on_devices, run_stage, samples_file
+from debias.posthoc import sampling_checkpoint
+from debias.pipeline import MODEL, chunks_dir, on_devices, run_stage, samples_file
 from debias.progress import Progress
 from debias.sampling import prepare_sampler
 from debias.streaming import clear_chunks, sample_to_file
@@ -18,11 +15,7 @@ def main(cfg: Config, args: list[str]) -> None:
     if len(args) != 1:
         raise DebiasError("usage: stages/sample.py SOLVER")
     solver, s = args[0], cfg.sample
-    with on_devices(s.device, __file__, args) as (ranks, device), tempfile.TemporaryDirectory() as tmp:
-        model = MODEL
-        if s.ema_std is not None:  # the same file on every rank and every run: chunks resume across runs
-            model = Path(tmp) / "model.pt"
-            reconstruct_to(PHEMA, s.ema_std, model)
+    with on_devices(s.device, __file__, args) as (ranks, device), sampling_checkpoint(MODEL, s.ema_std) as model:
         sampler = prepare_sampler(model, solver, s, device=str(device))
         for steps in s.steps:  # DVC deletes the outputs of a killed run; the chunks of each step count stay
             with Progress(f"sample@{solver} {steps} steps", "image steps", enabled=ranks.main) as progress:

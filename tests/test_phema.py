@@ -117,6 +117,24 @@ def test_debias_phema_writes_a_model_that_samples(run, tmp_path):
     assert result.exit_code == 0 and samples.exists(), result.output
 
 
+def test_sample_ema_std_rebuilds_the_ema_beside_the_checkpoint(run, tmp_path):
+    """`debias sample CKPT --ema-std S` (sample.ema_std) samples what `debias phema` of the phema/ folder beside
+    CKPT gives; a value out of range is one line."""
+    rebuilt = tmp_path / "rebuilt.pt"
+    assert CliRunner().invoke(app, ["phema", str(run), "--std", "0.13", "--out", str(rebuilt)]).exit_code == 0
+    common = ["--solver", "ddim", "--steps", "2", "--num-samples", "3", "--device", "cpu"]
+    outs = []
+    for source, extra in ((rebuilt, []), (run / CHECKPOINT, ["--ema-std", "0.13"]), (run / CHECKPOINT, [])):
+        outs.append(tmp_path / f"x{len(outs)}.npz")
+        result = CliRunner().invoke(app, ["sample", str(source), *common, *extra, "--out", str(outs[-1])])
+        assert result.exit_code == 0, result.output
+    images = [np.load(path)["images"] for path in outs]
+    assert np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    result = CliRunner().invoke(app, ["sample", str(run / CHECKPOINT), *common, "--ema-std", "0.5", "--out",
+                                      str(tmp_path / "bad.npz")])
+    assert result.exit_code != 0 and "sample.ema_std" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--std", "0.3"], "EMA length σ_rel must be a number in (0, 0.2887)"),
     (["--std", "0.1", "--step", "3"], "no post-hoc EMA snapshot at or before step 3"),

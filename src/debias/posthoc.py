@@ -4,7 +4,9 @@ from them (:mod:`debias.phema` has the math), one snapshot in memory at a time."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from torch import Tensor
@@ -80,3 +82,18 @@ def reconstruct_to(folder: str | Path, std: float, out: str | Path, step: int | 
     ckpt = reconstruct(folder, std, step, using)
     save_checkpoint(out, ckpt)
     return ckpt
+
+
+@contextlib.contextmanager
+def sampling_checkpoint(checkpoint: str | Path, ema_std: float | None) -> Iterator[Path]:
+    """``checkpoint`` itself, or with ``ema_std`` (``sample.ema_std``) the post-hoc EMA of that length rebuilt
+    from the profile snapshots beside it (``<its folder>/phema/``: ``models/phema`` for ``models/model.pt``)
+    into a temporary file — the same bytes every time, so that resumable sampling recognises it."""
+    checkpoint = Path(checkpoint)
+    if ema_std is None:
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = Path(tmp) / "model.pt"
+        reconstruct_to(checkpoint.parent / SNAPSHOT_DIR, ema_std, rebuilt)
+        yield rebuilt

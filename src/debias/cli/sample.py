@@ -40,6 +40,7 @@ def sample_command(
     variant: Optional[Variant] = typer.Option(None, "--variant", help="UniPC B(h) (default: sample.unipc_variant)."),
     lower_order_final: Optional[int] = typer.Option(None, "--lower-order-final", help="DPM-Solver: runs of fewer steps lower their final orders; 0 never (default: sample.lower_order_final)."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the first EMA's weights, if the checkpoint has any (default: sample.ema)."),
+    ema_std: Optional[float] = typer.Option(None, "--ema-std", help="Sample the post-hoc EMA of this σ_rel, rebuilt from the phema/ folder beside the checkpoint (train.ema: phema; default: sample.ema_std)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="Clip the predicted x0 to [-1, 1] at every step (default: sample.clip_x0)."),
     device: Optional[str] = typer.Option(None, "--device", help=f"{DEVICE_HELP} (default: sample.device)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per chunk file, the unit of streaming and resuming (default: sample.chunk_size)."),
@@ -52,6 +53,7 @@ def sample_command(
     output, removed when done): a killed run resumes where it stopped. With --device auto/cuda it uses
     every visible GPU (through torchrun)."""
     from debias.images import read_noise
+    from debias.posthoc import sampling_checkpoint
     from debias.progress import Progress
     from debias.runtime import autocast_dtype
     from debias.sampling import prepare_sampler
@@ -65,7 +67,7 @@ def sample_command(
     count = num_samples if num_samples is not None else len(noise) if noise is not None else cfg.num_samples
     solver = solver or cfg.solvers[0]
     cfg = with_flags(cfg, steps=None if steps is None else [steps], num_samples=count, seed=seed, batch_size=batch_size,
-                     preset=preset, ema=ema, precision=precision, compile=compile, device=device, chunk_size=chunk_size)
+                     preset=preset, ema=ema, ema_std=ema_std, precision=precision, compile=compile, device=device, chunk_size=chunk_size)
     # the settings a preset fixes: a flag replaces the preset's value, which replaces the param's
     overrides = {k: v for k, v in dict(eta=eta, order=order, variant=variant, lower_order_final=lower_order_final,
                                        spacing=spacing, denoise_to_zero=denoise_to_zero, arithmetic=arithmetic,
@@ -73,9 +75,9 @@ def sample_command(
     if overrides.get("spacing") == "auto":
         overrides["spacing"] = None
     steps = cfg.steps[0]
-    with on_devices(cfg.device) as (ranks, this_device):
+    with on_devices(cfg.device) as (ranks, this_device), sampling_checkpoint(checkpoint, cfg.ema_std) as model:
         autocast_dtype(cfg.precision, this_device)
-        sampler = prepare_sampler(checkpoint, solver, cfg, class_labels=class_label, init_noise=noise,
+        sampler = prepare_sampler(model, solver, cfg, class_labels=class_label, init_noise=noise,
                                   float32=float32, device=str(this_device), **overrides)
         chunks = path.parent / f".{path.name}.chunks"
         with Progress(f"{solver} {steps} steps", "image steps", enabled=ranks.main) as progress:
