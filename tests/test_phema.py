@@ -31,6 +31,12 @@ def test_std_and_exponent_are_inverse(std):
     assert phema.exp_to_std(phema.std_to_exp(std)) == pytest.approx(std, rel=1e-12)
 
 
+def test_profile_names_read_back_exactly():
+    for std in (0.05, 0.0525, 0.1, 1 / 7):
+        assert float(phema.profile_key(std).removeprefix("phema-")) == std
+    assert phema.profile_key(0.0501) != phema.profile_key(0.0504)
+
+
 def test_edm2s_profiles():
     assert phema.std_to_exp(0.05) == pytest.approx(16.97, abs=0.01)   # EDM2's two profiles
     assert phema.std_to_exp(0.10) == pytest.approx(6.94, abs=0.01)
@@ -68,11 +74,11 @@ def test_a_reconstructed_profile_matches_the_directly_tracked_one():
         ema.update(k)
         if (k + 1) % 50 == 0:
             states = ema.state_dicts(model)
-            snaps.append((k + 1, [flat(states["phema-0.050"]), flat(states["phema-0.100"])]))  # copies
+            snaps.append((k + 1, [flat(states["phema-0.05"]), flat(states["phema-0.1"])]))  # copies
     x = phema.coefficients([s for s, _ in snaps for _ in range(2)], [0.05, 0.10] * len(snaps), 2000, 0.075)
     rebuilt = sum(x[2 * i + j] * profiles[j] for i, (_, profiles) in enumerate(snaps) for j in range(2))
     final = ema.state_dicts(model)
-    direct, a, b = (flat(final[k]) for k in ("phema-0.075", "phema-0.050", "phema-0.100"))
+    direct, a, b = (flat(final[k]) for k in ("phema-0.075", "phema-0.05", "phema-0.1"))
     assert (rebuilt - direct).norm() <= 1e-4 * (a - b).norm()
 
 
@@ -86,7 +92,7 @@ def run(tmp_path_factory):
 def test_training_writes_the_profiles_every_phema_every_steps(run):
     assert [s for s, _ in snapshot_files(run)] == list(range(5, 61, 5))
     snap = load_checkpoint(run / "phema" / "phema-0000060.pt")
-    assert list(snap.ema) == ["phema-0.050", "phema-0.100", "phema-0.075"] and snap.step == 60
+    assert list(snap.ema) == ["phema-0.05", "phema-0.1", "phema-0.075"] and snap.step == 60
     final = load_checkpoint(run / CHECKPOINT)
     assert all(torch.equal(snap.ema[k][n], final.ema[k][n]) for k in final.ema for n in final.ema[k])
 
@@ -96,7 +102,7 @@ def test_a_profile_rebuilt_after_training_matches_the_tracked_one(run):
     within 1 % of the distance between 0.075 and 0.05 from the directly tracked 0.075 (measured 0.2 %)."""
     final = load_checkpoint(run / CHECKPOINT)
     rebuilt = reconstruct(run, 0.075, using=[0.05, 0.10])
-    direct, other = flat(final.ema["phema-0.075"]), flat(final.ema["phema-0.050"])
+    direct, other = flat(final.ema["phema-0.075"]), flat(final.ema["phema-0.05"])
     assert (flat(rebuilt.ema["phema-0.075"]) - direct).norm() <= 0.01 * (direct - other).norm()
     assert rebuilt.step == 60 and rebuilt.extra["phema"]["snapshots"] == list(range(5, 61, 5))
 
@@ -106,7 +112,7 @@ def test_debias_phema_writes_a_model_that_samples(run, tmp_path):
     result = CliRunner().invoke(app, ["phema", str(run), "--std", "0.13", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "σ_rel=0.13 at step 60 from 12 snapshots of 3 profiles" in result.output
-    assert list(load_checkpoint(out).ema) == ["phema-0.130"]
+    assert list(load_checkpoint(out).ema) == ["phema-0.13"]
     early = tmp_path / "early.pt"
     assert CliRunner().invoke(app, ["phema", str(run / "phema"), "--std", "0.13", "--step", "30", "--out",
                                     str(early)]).exit_code == 0
@@ -138,7 +144,8 @@ def test_sample_ema_std_rebuilds_the_ema_beside_the_checkpoint(run, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--std", "0.3"], "EMA length σ_rel must be a number in (0, 0.2887)"),
     (["--std", "0.1", "--step", "3"], "no post-hoc EMA snapshot at or before step 3"),
-    (["--std", "0.1", "--using", "0.2"], "has no profile phema-0.200"),
+    (["--std", "0.1", "--step", "99"], "step 99 is beyond the last post-hoc EMA snapshot (60)"),
+    (["--std", "0.1", "--using", "0.2"], "has no profile phema-0.2"),
     (["--std", "0.1", "--using", "a,b"], "--using must be σ_rel values"),
 ])
 def test_debias_phema_bad_input_is_one_line(run, tmp_path, args, message):

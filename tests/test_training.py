@@ -203,7 +203,7 @@ def test_two_gloo_processes_match_one(tmp_path, recipe):
         for name, value in state.items():
             torch.testing.assert_close(ddp.ema[key][name], value, atol=1e-5, rtol=0)
     if recipe:
-        assert list(ddp.ema) == ["phema-0.050", "phema-0.100"]
+        assert list(ddp.ema) == ["phema-0.05", "phema-0.1"]
         assert (tmp_path / "ddp" / "phema" / "phema-0000004.pt").exists()
         for name, value in single.extra["uncertainty"].items():
             torch.testing.assert_close(ddp.extra["uncertainty"][name], value, atol=1e-6, rtol=0)

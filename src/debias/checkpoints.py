@@ -45,7 +45,7 @@ class Checkpoint:
 
     ``unet_kwargs`` are the exact ``UNetModel(**kwargs)`` arguments, so a model is rebuilt without
     reinterpreting the config; ``ema`` maps the rate (as a string, e.g. "0.999") or the power-function
-    profile (``phema-0.050``, :mod:`debias.phema`) to its weights.
+    profile (``phema-0.05``, :mod:`debias.phema`) to its weights.
     """
 
     config: dict
@@ -248,7 +248,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def _is_ema_name(text: str) -> bool:
-    """A traditional EMA's rate in [0, 1) ("0.999") or a power-function profile's σ_rel ("phema-0.050")."""
+    """A traditional EMA's rate in [0, 1) ("0.999") or a power-function profile's σ_rel ("phema-0.05")."""
     profile = text.startswith("phema-")
     try:
         value = float(text.removeprefix("phema-"))

@@ -48,8 +48,8 @@ def check_std(std: float) -> float:
 
 
 def profile_key(std: float) -> str:
-    """The name of profile σ_rel among a checkpoint's EMAs, e.g. ``phema-0.050``."""
-    return f"phema-{std:.3f}"
+    """The name of profile σ_rel among a checkpoint's EMAs, e.g. ``phema-0.05`` (exact: σ_rel reads back)."""
+    return f"phema-{float(std)!r}"
 
 
 def beta(std: float) -> Callable[[int], float]:

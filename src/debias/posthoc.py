@@ -42,6 +42,8 @@ def reconstruct(folder: str | Path, std: float, step: int | None = None,
     files = snapshot_files(folder)
     last = files[-1][0]
     step = last if step is None else step
+    if step > last:
+        raise DebiasError(f"{folder}: step {step} is beyond the last post-hoc EMA snapshot ({last})")
     files = [(s, p) for s, p in files if s <= step]
     if not files:
         raise DebiasError(f"{folder}: no post-hoc EMA snapshot at or before step {step} (the first is at {last})")

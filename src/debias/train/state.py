@@ -103,7 +103,7 @@ def cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def ema_decays(kind: str, rates: list[float], warmup: bool, stds: list[float]) -> dict[str, Callable[[int], float]]:
     """The EMAs of ``train.ema``: ``traditional`` — one per rate (named by it, e.g. "0.999"), with warm-up
     β_k = min(rate, (1 + k)/(10 + k)) so short runs get a useful average; ``phema`` — EDM2's power-function
-    profiles of σ_rel ``stds`` (:mod:`debias.phema`, named e.g. "phema-0.050")."""
+    profiles of σ_rel ``stds`` (:mod:`debias.phema`, named e.g. "phema-0.05")."""
     if kind == "phema":
         return {profile_key(std): beta(std) for std in stds}
     return {str(rate): (lambda k, r=rate: min(r, (1 + k) / (10 + k))) if warmup else (lambda k, r=rate: r)
