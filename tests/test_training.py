@@ -52,6 +52,18 @@ def log_without_speed(path: Path) -> list[list[str]]:
     return [line.split("\t")[:-1] for line in (path / TRAIN_LOG).read_text().splitlines()]
 
 
+def train_stop_and_resume(cfg, root: Path, stop_after: int):
+    """Train ``cfg`` into root/full, and into root/split stopped after ``stop_after`` and resumed; both must
+    end with the same weights and logs. Returns the uninterrupted run's result."""
+    full = train(cfg, root / "full", progress=False)
+    assert full.loss is not None and math.isfinite(full.loss)
+    train(cfg, root / "split", progress=False, stop_after=stop_after)
+    train(cfg, root / "split", progress=False)
+    assert_same_weights(root / "full", root / "split")
+    assert log_without_speed(root / "full") == log_without_speed(root / "split")
+    return full
+
+
 def test_epoch_sampler_covers_each_epoch_once():
     sampler = EpochSampler(size=10, batch_size=4, seed=3, device=torch.device("cpu"))
     order = torch.cat([sampler.batch(k) for k in range(5)])  # 20 positions = 2 epochs, batches straddle them
@@ -219,12 +231,7 @@ def test_timestep_densities_train_and_resume_bitwise(tmp_path, density):
     """loss_second_moment warms up (every one of 50 timesteps has its 10 losses within 80 × 16 draws) and keeps its
     history in the checkpoint: a stopped and resumed run is bitwise the uninterrupted one."""
     cfg = tiny("train.snapshot_steps=[12]", *density)
-    full = train(cfg, tmp_path / "full", progress=False)
-    assert full.loss is not None and math.isfinite(full.loss)
-    train(cfg, tmp_path / "split", progress=False, stop_after=17)
-    train(cfg, tmp_path / "split", progress=False)
-    assert_same_weights(tmp_path / "full", tmp_path / "split")
-    assert log_without_speed(tmp_path / "full") == log_without_speed(tmp_path / "split")
+    full = train_stop_and_resume(cfg, tmp_path, stop_after=17)
     saved = load_checkpoint(tmp_path / "full" / CHECKPOINT).extra["timesteps"]
     if cfg.train.timestep_sampler == "loss_second_moment":
         assert bool((saved["counts"] == 10).all())  # warmed up: the importance sampling was used
@@ -239,12 +246,7 @@ def test_timestep_densities_train_and_resume_bitwise(tmp_path, density):
 def test_learned_weighting_trains_resumes_bitwise_and_keeps_its_head(tmp_path, target):
     cfg = tiny("weighting=learned", "loss.learned_base=debias", f"target={target}", "train.snapshot_steps=[12]")
     assert cfg.model.learn_sigma
-    full = train(cfg, tmp_path / "full", progress=False)
-    assert full.loss is not None and math.isfinite(full.loss)
-    train(cfg, tmp_path / "split", progress=False, stop_after=7)
-    train(cfg, tmp_path / "split", progress=False)
-    assert_same_weights(tmp_path / "full", tmp_path / "split")
-    assert log_without_speed(tmp_path / "full") == log_without_speed(tmp_path / "split")
+    train_stop_and_resume(cfg, tmp_path, stop_after=7)
     heads = [load_checkpoint(tmp_path / run / CHECKPOINT).extra["uncertainty"] for run in ("full", "split")]
     assert heads[0].keys() == {"freqs", "phases", "linear.weight", "linear.bias"}
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
