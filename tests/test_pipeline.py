@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from debias.checkpoints import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", "stages", ".gitignore"]
 
@@ -338,18 +340,31 @@ def test_another_recipe_never_erases_a_training_state(project):
 
 
 def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
-    """With train.ema: phema the profiles are exported to models/phema/; `dvc exp run -S sample.ema_std=…`
-    then reruns only sampling and scoring (and the report), from the EMA of that length rebuilt post hoc."""
+    """The README's post-hoc EMA commands, in order, on the micro recipe (learned weighting, a snapshot every
+    3 steps): `dvc exp run -S train.ema=phema` exports the profiles to models/phema/, each `-S
+    sample.ema_std=…` then reruns only sampling and scoring (and the report), from the EMA of that length
+    rebuilt post hoc, and `debias phema` writes that EMA as a checkpoint."""
     copy = tmp_path / "project"
     shutil.copytree(project, copy, symlinks=True)
-    dvc("exp", "run", "-n", "phema", "-S", "train.ema=phema", "-S", "train.phema_every=3",
-        "-S", "weighting=learned", cwd=copy)
+    params = yaml.safe_load((copy / "params.yaml").read_text())  # earlier tests leave other values behind
+    params["train"].update(steps=MICRO["train"]["steps"], phema_every=3)
+    params["weighting"] = "learned"
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], copy)
+    run(["git", "commit", "-qm", "the post-hoc EMA recipe"], copy)
+    train, sweep, rebuild = readme_commands("Beyond the paper: the EMA length chosen after training")
+    assert train.startswith("dvc exp run") and sweep.startswith("for s in 0.05 ") and rebuild.startswith("debias phema")
+    run(["bash", "-c", train], copy)
     assert sorted(p.name for p in (copy / "models" / "phema").iterdir()) == \
         [f"phema-{s:07d}.pt" for s in (3, 6, 9, 12)]
     fid = json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"]
-    swept = dvc("exp", "run", "-n", "phema-013", "-S", "sample.ema_std=0.13", cwd=copy).stdout
+    swept = run(["bash", "-c", sweep.replace("0.05 0.10 0.15 0.20 0.25", "0.13")], copy).stdout  # one length of five
     ran = {line.split("'")[1] for line in swept.splitlines() if line.startswith("Running stage")}
     assert ran == {"sample@ddim", "sample@unipc", "evaluate@ddim", "evaluate@unipc", "report"}, swept
     assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] != fid
+    assert "ema-std-0.13" in dvc("exp", "ls", "--name-only", cwd=copy).stdout.split()
+    run(["bash", "-c", rebuild], copy)
+    out = copy / rebuild.split("--out ")[1].split()[0]
+    assert list(load_checkpoint(out).ema) == ["phema-0.13"]
     plots = json.loads((copy / "logs" / "dvclive" / "plots" / "custom" / "weighting.json").read_text())
     assert any(point["u"] != 0 for point in plots)
