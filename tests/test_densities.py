@@ -103,6 +103,22 @@ def test_loss_second_moment_is_uniform_until_warm_then_proportional_to_the_rms_l
     torch.testing.assert_close(again.pmf(), s.pmf())
 
 
+def test_loss_second_moment_history_is_guided_diffusions_for_repeated_timesteps():
+    """Batches that draw one t several times: each loss enters its t's history in batch order and the
+    oldest leaves first, as guided-diffusion's LossSecondMomentResampler.update_with_all_losses."""
+    T, g = 20, torch.Generator().manual_seed(3)
+    s = TimestepSampler("loss_second_moment", Schedule.named("linear", T).snr.log(), torch.device("cpu"), ONE)
+    history = [[] for _ in range(T)]  # the original's loop, per loss
+    for _ in range(12):
+        t, losses = torch.randint(0, 4, (9,), generator=g), torch.rand(9, generator=g, dtype=torch.float64)
+        s.update(t, losses)
+        for ti, loss in zip(t.tolist(), losses.tolist()):
+            history[ti] = (history[ti] + [loss])[-HISTORY:]
+    assert s.counts.tolist() == [len(h) for h in history]
+    for ti, h in enumerate(history):
+        assert s.history[ti, :len(h)].tolist() == h
+
+
 def test_uniform_draws_are_the_draws_of_before():
     """The default keeps every existing run bitwise: torch.randint on the timesteps generator."""
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

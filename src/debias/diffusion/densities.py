@@ -83,9 +83,9 @@ class TimestepSampler:
         T = self.num_timesteps
         if name == "uniform":
             self._pmf = torch.full((T,), 1.0 / T, dtype=torch.float64, device=device)
-        elif name == "loss_second_moment":
-            self.history = torch.zeros(T, HISTORY, dtype=torch.float64, device=device)
-            self.counts = torch.zeros(T, dtype=torch.int64, device=device)
+        elif name == "loss_second_moment":  # the history lives on the CPU: its updates never wait on a GPU
+            self.history = torch.zeros(T, HISTORY, dtype=torch.float64)
+            self.counts = torch.zeros(T, dtype=torch.int64)
             self._pmf = None
         else:
             self._pmf = log_snr_pmf(name, log_snr, loc, scale).to(device)
@@ -98,7 +98,7 @@ class TimestepSampler:
             return torch.full((T,), 1.0 / T, dtype=torch.float64, device=self.device)
         weights = self.history.pow(2).mean(dim=1).sqrt()
         weights = weights / weights.sum() * (1 - UNIFORM_MIX)
-        return weights + UNIFORM_MIX / T
+        return (weights + UNIFORM_MIX / T).to(self.device)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         if self.name == "uniform":  # exactly the draws of a run before densities existed
@@ -114,14 +114,14 @@ class TimestepSampler:
         """Record the losses (b,) seen at t (b,) on every rank, oldest first out (loss_second_moment)."""
         if not self.adaptive:
             return
-        t, losses = all_gathered(t, self.ranks), all_gathered(losses.detach().double(), self.ranks)
-        for ti, loss in zip(t.tolist(), losses.tolist()):  # in batch order, as guided-diffusion
-            if self.counts[ti] == HISTORY:
-                self.history[ti, :-1] = self.history[ti, 1:].clone()
-                self.history[ti, -1] = loss
-            else:
-                self.history[ti, self.counts[ti]] = loss
-                self.counts[ti] += 1
+        t = all_gathered(t, self.ranks).cpu()
+        losses = all_gathered(losses.detach().double(), self.ranks).cpu()
+        order = torch.argsort(t, stable=True)  # each t's losses in batch order, as guided-diffusion adds them
+        seen, per_t = torch.unique_consecutive(t[order], return_counts=True)
+        for ti, new in zip(seen.tolist(), torch.split(losses[order], per_t.tolist())):
+            kept = torch.cat([self.history[ti, :int(self.counts[ti])], new])[-HISTORY:]  # oldest out first
+            self.history[ti, :len(kept)] = kept
+            self.counts[ti] = len(kept)
 
     def state(self) -> dict:
         return {"history": self.history.cpu(), "counts": self.counts.cpu()} if self.name == "loss_second_moment" else {}
