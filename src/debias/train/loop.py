@@ -144,11 +144,12 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.uncertainty is not None and self.ranks.world > 1:
+        if self.uncertainty is not None and self.ranks.world > 1:  # the head is outside DDP: average it in one call
             grads = [p.grad for p in self.uncertainty.parameters()]
-            torch._foreach_div_(grads, self.ranks.world)
-            for grad in grads:
-                dist.all_reduce(grad)
+            flat = torch.cat([g.flatten() for g in grads]).div_(self.ranks.world)
+            dist.all_reduce(flat)
+            for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+                grad.copy_(part.view_as(grad))
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
