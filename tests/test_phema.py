@@ -154,9 +154,10 @@ def test_debias_phema_bad_input_is_one_line(run, tmp_path, args, message):
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_a_folder_without_profiles_is_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["phema", str(tmp_path), "--std", "0.1", "--out", str(tmp_path / "m.pt")])
-    assert result.exit_code != 0 and "no post-hoc EMA snapshots" in result.output
+@pytest.mark.parametrize("where,message", [(".", "no post-hoc EMA snapshots"), ("absent", "absent: not found")])
+def test_a_folder_without_profiles_is_one_line(tmp_path, where, message):
+    result = CliRunner().invoke(app, ["phema", str(tmp_path / where), "--std", "0.1", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_kill_and_resume_keeps_the_profiles_bitwise(run, tmp_path):

@@ -21,6 +21,8 @@ SNAPSHOT_DIR = "phema"
 def snapshot_files(folder: str | Path) -> list[tuple[int, Path]]:
     """(step, file) of the profile snapshots in ``folder`` (or its ``phema/``), by step."""
     folder = Path(folder)
+    if not folder.exists():
+        raise DebiasError(f"{folder}: not found")
     if (folder / SNAPSHOT_DIR).is_dir():
         folder = folder / SNAPSHOT_DIR
     found = []
