@@ -124,10 +124,10 @@ class TimestepSampler:
             self.counts[ti] = len(kept)
 
     def state(self) -> dict:
-        return {"history": self.history.cpu(), "counts": self.counts.cpu()} if self.name == "loss_second_moment" else {}
+        return {"history": self.history.clone(), "counts": self.counts.clone()} if self.adaptive else {}
 
     def load_state(self, state: dict) -> None:
-        if self.name == "loss_second_moment":
+        if self.adaptive:
             self.history.copy_(state["history"])
             self.counts.copy_(state["counts"])
 

@@ -34,7 +34,7 @@ from debias.errors import DebiasError, one_line
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.progress import Progress
-from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
+from debias.runtime import Ranks, all_reduced, autocast_dtype, compile_static, on_main, prepare_network, processes
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
 from debias.train.state import EMA, EpochSampler, cpu_state, ema_decays, make_generators
@@ -146,9 +146,8 @@ class Trainer:
             loss.backward()
         if self.uncertainty is not None and self.ranks.world > 1:  # the head is outside DDP: average it in one call
             grads = [p.grad for p in self.uncertainty.parameters()]
-            flat = torch.cat([g.flatten() for g in grads]).div_(self.ranks.world)
-            dist.all_reduce(flat)
-            for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            mean = all_reduced(torch.cat([g.flatten() for g in grads]).div_(self.ranks.world), self.ranks)
+            for grad, part in zip(grads, mean.split([g.numel() for g in grads])):
                 grad.copy_(part.view_as(grad))
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf, foreach=True)
         if self.scaler is not None:
