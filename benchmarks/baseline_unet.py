@@ -52,7 +52,7 @@ from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.reverse import p_mean_variance
 from debias.diffusion.schedule import Schedule
 from debias.models.layers import AttentionBlock, GroupNorm32
-from debias.samplers.timesteps import select_timesteps
+from debias.solvers.timesteps import select_timesteps
 from debias.train.loop import Trainer
 
 
@@ -185,6 +185,7 @@ class UpstreamTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         tc = self.cfg.train
+        self.params = list(self.network.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.ema_rates = [float(rate) for rate in tc.ema_rates]
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
@@ -201,14 +202,15 @@ class UpstreamTrainer(Trainer):
             if p.grad is not None:
                 p.grad.detach_()
                 p.grad.zero_()
-        x0, noise, _, y = self._batch(k)
+        x0, y = self.batch(k)
+        noise = torch.randn(x0.shape, generator=self.generators["noise"], device=self.device)
         size = self.schedule.num_timesteps  # resample.UniformSampler.sample
         probs = np.ones(size) / size
         t_np = np.random.choice(size, size=(len(x0),), p=probs)
         t = torch.from_numpy(t_np).long().to(self.device)
         weights = torch.from_numpy(1 / (size * probs[t_np])).float().to(self.device)
         out = self.model(self.schedule.q_sample(x0, t, noise), t, y)
-        terms = diffusion_loss(self.schedule, out, x0, noise, t, self.cfg.target, self.weights,
+        terms = diffusion_loss(self.schedule, out, x0, noise, t, self.cfg.target, self.objective.weight_table,
                                self.cfg.model.learn_sigma)
         losses = {"loss": terms.loss, "mse": terms.mse, "vb": terms.vb}
         loss = (losses["loss"] * weights).mean()

@@ -26,10 +26,10 @@ from debias.diffusion.schedule import Schedule
 from debias.errors import DebiasError
 from debias.metrics.features import load_reference
 from debias.metrics.scores import compute_metrics
-from debias.samplers import SOLVERS, sample
-from debias.samplers.denoiser import Denoiser
-from debias.samplers.grid import SPACINGS
-from debias.samplers.noise import SampleNoise
+from debias.solvers import SOLVERS, sample
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.grid import SPACINGS
+from debias.solvers.noise import SampleNoise
 from debias.sampling import sample_checkpoint
 
 MU, S = 0.3, 0.5

@@ -1,43 +1,7 @@
-"""Stage `prepare`: the training set as a uint8 array, and the FID reference: Inception pool and sFID
-features of a fixed random subset of the training set (or of eval.reference), or the statistics an
-ADM reference batch holds instead of images — on every visible GPU."""
+"""Stage `prepare` of dvc.yaml: :func:`debias.jobs.prepare.prepare_stage`."""
 
-import torch
-
-from debias.config import Config
-from debias.data import load_dataset
-from debias.errors import DebiasError
-from debias.images import ImageArray, to_uint8
-from debias.metrics.features import FeatureStats, extract, save_features
-from debias.metrics.inception import resolve_inception_weights
-from debias.pipeline import PREPARED, REFERENCE_FEATURES, load_prepared, on_devices, run_stage, save_prepared
-from debias.progress import Progress
-from debias.sources import fid_reference
-
-
-def main(cfg: Config, args: list[str]) -> None:
-    e = cfg.eval
-    with on_devices(e.device, __file__, args) as (ranks, device):
-        if ranks.main:
-            save_prepared(PREPARED, load_dataset(cfg.data))
-        if ranks.world > 1:
-            torch.distributed.barrier()
-        reference = fid_reference(e, lambda: to_uint8(load_prepared(PREPARED).images))
-        if isinstance(reference, FeatureStats):
-            if ranks.main:
-                reference.save(REFERENCE_FEATURES)
-            return
-        if not isinstance(reference, (torch.Tensor, ImageArray)):
-            raise DebiasError(f"eval.reference {e.reference}: give images or an ADM reference batch, not features")
-        weights = resolve_inception_weights(e.inception_weights)
-        with Progress("prepare: reference features", "images", enabled=ranks.main) as progress:
-            features = extract(reference, weights, ("2048", "spatial"), e.batch_size, str(device), progress)
-        shape = reference.image_shape if isinstance(reference, ImageArray) else reference.shape[1:]
-        if ranks.main:
-            save_features(REFERENCE_FEATURES, features["2048"], {
-                "weights_sha256": weights.sha256, "weights_source": weights.source, "image_shape": list(shape),
-                "dataset": e.reference or cfg.data.name, "count": len(reference)}, spatial=features["spatial"])
-
+from debias.jobs.prepare import prepare_stage
+from debias.pipeline import run_stage
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(prepare_stage)

@@ -8,10 +8,10 @@ import torch
 from scipy import stats
 
 from debias.config import config_from_dict
-from debias.diffusion.densities import DEFAULTS, HISTORY, UNIFORM_MIX, TimestepSampler, log_snr_pmf
+from debias.diffusion.densities import DEFAULTS, HISTORY, UNIFORM_MIX, TimestepDensity, log_snr_pmf
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule
-from debias.diffusion.weighting import loss_weights
+from debias.diffusion.weighting import weight_table
 from debias.runtime import Ranks
 
 ONE = Ranks(rank=0, world=1, local_rank=0)
@@ -19,8 +19,8 @@ SCHEDULE = Schedule.named("linear", 1000)
 LAMBDA = SCHEDULE.snr.log()
 
 
-def sampler(name: str, **kw) -> TimestepSampler:
-    return TimestepSampler(name, LAMBDA, torch.device("cpu"), ONE, **kw)
+def sampler(name: str, **kw) -> TimestepDensity:
+    return TimestepDensity(name, LAMBDA, torch.device("cpu"), ONE, **kw)
 
 
 @pytest.mark.parametrize("name", ["uniform", "lognormal", "logistic", "laplace"])
@@ -69,8 +69,8 @@ def test_importance_correction_gives_the_uniform_objective_exactly(name, weighti
     """Σ_t p(t) · w(t)/(T p(t)) · L_t = (1/T) Σ_t w(t) L_t on a fixed batch, summed over every t."""
     torch.manual_seed(0)
     schedule = Schedule.named("linear", 50)
-    s = TimestepSampler(name, schedule.snr.log(), torch.device("cpu"), ONE)
-    weights = loss_weights(weighting, schedule.snr, "eps", config_from_dict({}).loss).double()
+    s = TimestepDensity(name, schedule.snr.log(), torch.device("cpu"), ONE)
+    weights = weight_table(weighting, schedule.snr, "eps", config_from_dict({}).loss).double()
     x0, noise = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
     out = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     per_t = torch.stack([diffusion_loss(schedule, out, x0, noise, torch.full((4,), t), "eps",
@@ -84,7 +84,7 @@ def test_importance_correction_gives_the_uniform_objective_exactly(name, weighti
 def test_loss_second_moment_is_uniform_until_warm_then_proportional_to_the_rms_loss():
     T = 20
     lam = Schedule.named("linear", T).snr.log()
-    s = TimestepSampler("loss_second_moment", lam, torch.device("cpu"), ONE)
+    s = TimestepDensity("loss_second_moment", lam, torch.device("cpu"), ONE)
     uniform = torch.full((T,), 1 / T, dtype=torch.float64)
     torch.testing.assert_close(s.pmf(), uniform)
     losses = [torch.rand(HISTORY + 5, generator=torch.Generator().manual_seed(t)) * (t + 1) for t in range(T)]
@@ -98,7 +98,7 @@ def test_loss_second_moment_is_uniform_until_warm_then_proportional_to_the_rms_l
     draws = torch.bincount(s.sample(100_000, torch.Generator().manual_seed(1)), minlength=T).double() / 100_000
     torch.testing.assert_close(draws, expected, atol=5e-3, rtol=0)
     state = s.state()
-    again = TimestepSampler("loss_second_moment", lam, torch.device("cpu"), ONE)
+    again = TimestepDensity("loss_second_moment", lam, torch.device("cpu"), ONE)
     again.load_state(state)
     torch.testing.assert_close(again.pmf(), s.pmf())
 
@@ -107,7 +107,7 @@ def test_loss_second_moment_history_is_guided_diffusions_for_repeated_timesteps(
     """Batches that draw one t several times: each loss enters its t's history in batch order and the
     oldest leaves first, as guided-diffusion's LossSecondMomentResampler.update_with_all_losses."""
     T, g = 20, torch.Generator().manual_seed(3)
-    s = TimestepSampler("loss_second_moment", Schedule.named("linear", T).snr.log(), torch.device("cpu"), ONE)
+    s = TimestepDensity("loss_second_moment", Schedule.named("linear", T).snr.log(), torch.device("cpu"), ONE)
     history = [[] for _ in range(T)]  # the original's loop, per loss
     for _ in range(12):
         t, losses = torch.randint(0, 4, (9,), generator=g), torch.rand(9, generator=g, dtype=torch.float64)

@@ -6,7 +6,7 @@ import torch
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.reverse import p_mean_variance
 from debias.diffusion.schedule import Schedule, space_timesteps
-from debias.diffusion.weighting import WeightingParams, eps_weight, loss_weights
+from debias.diffusion.weighting import WeightingParams, eps_weight, weight_table
 
 TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
           "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"]
@@ -60,7 +60,7 @@ def test_weight_tables(golden, name, key, params):
 def test_loss_terms(golden, target):
     s = schedule_of(golden)
     terms = diffusion_loss(s, golden["model_output"], golden["x0"], golden["noise"], golden["t"], target,
-                           loss_weights("constant", s.snr, target), learn_sigma=True)
+                           weight_table("constant", s.snr, target), learn_sigma=True)
     assert_close32(terms.mse, golden[f"{target}/mse_unweighted"])
     torch.testing.assert_close(terms.vb, golden[f"{target}/vb"], rtol=1e-5, atol=1e-5)
     assert_close32(terms.loss, terms.mse + terms.vb)
@@ -69,7 +69,7 @@ def test_loss_terms(golden, target):
 def test_debias_weighted_mse(golden):
     s = schedule_of(golden)
     terms = diffusion_loss(s, golden["model_output"], golden["x0"], golden["noise"], golden["t"], "eps",
-                           loss_weights("debias", s.snr, "eps"), learn_sigma=True)
+                           weight_table("debias", s.snr, "eps"), learn_sigma=True)
     assert_close32(terms.loss - terms.vb, golden["eps/mse_debias"])
 
 

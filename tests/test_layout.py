@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from debias import catalog
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PACKAGE = SRC / "debias"
@@ -17,15 +19,19 @@ MAX_LINES = 350
 
 # a module may import modules of its own layer or a lower one, never a higher one
 LAYERS = [
-    {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress"},
-    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema"},
-    {"debias.models", "debias.models.layers", "debias.models.unet", "debias.samplers", "debias.checkpoints",
+    {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress",
+     "debias.config"},  # the ground floor: configuration imports no implementation
+    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline"},
+    {"debias.models", "debias.models.layers", "debias.models.unet", "debias.solvers", "debias.checkpoints",
      "debias.data", "debias.metrics", "debias.posthoc"},
-    {"debias.config"},
     {"debias.models.factory", "debias.sampling", "debias.streaming", "debias.sources", "debias.convert",
      "debias.train", "debias.analysis", "debias.report"},
-    {"debias.pipeline", "debias.cli", "debias.__main__"},
+    {"debias.jobs"},
+    {"debias.cli", "debias.__main__"},
 ]
+# the modules the solver registry imports by name when a solver runs (debias.solvers.solver_function): dvc.yaml
+# names each through a template, solvers/${...}.py, so that it is a dependency of its own stages alone
+SOLVER_TEMPLATES = ("${item.solver}", "${analyze.color_solver}", "${analyze.fid_solver}")
 
 
 def module_name(path: Path) -> str:
@@ -78,12 +84,19 @@ def import_closure(script: Path) -> set[Path]:
     return seen
 
 
+def solver_module(name: str) -> Path:
+    """The file of the module that implements solver ``name``."""
+    from debias.solvers import SOLVERS
+
+    return PACKAGE / "solvers" / f"{SOLVERS[name].module}.py"
+
+
 def stage_deps(stage: dict) -> set[Path]:
-    """The library files a dvc.yaml stage lists (folders expanded to their .py files)."""
+    """The library files a dvc.yaml stage lists (folders expanded to their .py files; solver templates apart)."""
     files = set()
     for dep in stage.get("deps", []):
         path = REPO / dep
-        if not str(dep).startswith("src/"):
+        if not str(dep).startswith("src/") or "${" in str(dep):
             continue
         assert path.exists(), f"dvc.yaml lists {dep}, which does not exist"
         files |= set(path.rglob("*.py")) if path.is_dir() else {path}
@@ -100,6 +113,14 @@ def test_stage_deps_are_exactly_the_import_closure_of_its_script(name):
     script = REPO / stage["cmd"].split()[1]
     assert str(script.relative_to(REPO)) in stage["deps"], f"{name} does not depend on its own script"
     closure, listed = import_closure(script), stage_deps(stage)
+    solver_files = {solver_module(name) for name in catalog.SOLVERS}
+    assert not closure & solver_files, f"{name} imports a solver's module, which the registry imports by name"
+    for dep in (d for d in stage["deps"] if any(t in d for t in SOLVER_TEMPLATES) and d.startswith("src/")):
+        template = next(t for t in SOLVER_TEMPLATES if t in dep)
+        for solver in catalog.SOLVERS:
+            path = REPO / dep.replace(template, solver)
+            assert path.resolve() == solver_module(solver).resolve(), f"{dep} for {solver} is not its module"
+            closure |= import_closure(solver_module(solver)) - {solver_module(solver)}
     missing = sorted(str(p.relative_to(REPO)) for p in closure - listed)
     extra = sorted(str(p.relative_to(REPO)) for p in listed - closure)
     assert not missing, f"stage {name} runs but does not list: {missing}"
@@ -111,7 +132,7 @@ def test_report_code_is_not_a_dependency_of_training():
     assert not deps & {PACKAGE / "report.py", PACKAGE / "figures.py", PACKAGE / "analysis.py"}
 
 
-MODULES = sorted(PACKAGE.rglob("*.py"))
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if not p.is_symlink())  # solvers/dpmsolver++.py links dpmsolver.py
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -46,7 +46,7 @@ def test_edm2s_profiles():
     assert decay(9) == pytest.approx((1 - 1 / 10) ** (gamma + 1))
 
 
-@pytest.mark.parametrize("std", [0, -0.1, phema.STD_MAX, 0.3, True, "0.1"])
+@pytest.mark.parametrize("std", [0, -0.1, phema.PHEMA_STD_MAX, 0.3, True, "0.1"])
 def test_a_bad_ema_length_is_one_line(std):
     with pytest.raises(DebiasError, match="EMA length"):
         phema.check_std(std)

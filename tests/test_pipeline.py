@@ -106,6 +106,58 @@ def test_second_repro_is_a_no_op_and_steps_change_reruns_only_downstream(project
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+# which stages execute a module: editing it must invalidate exactly these (micro project: solvers ddim and unipc,
+# analyze.color_solver and fid_solver ddim)
+EDITS = {
+    "solvers/unipc.py": {"sample@unipc"},
+    "solvers/ddim.py": {"sample@ddim", "analyze"},
+    "metrics/scores.py": {"evaluate@ddim", "evaluate@unipc", "analyze"},
+    "train/loop.py": {"train"},
+    "diffusion/densities.py": {"train"},
+    "posthoc.py": {"sample@ddim", "sample@unipc"},
+    "report.py": {"report"},
+    "models/unet.py": {"train", "sample@ddim", "sample@unipc", "analyze"},
+    "metrics/inception.py": {"prepare", "evaluate@ddim", "evaluate@unipc", "analyze"},
+}
+
+
+def test_an_edit_invalidates_only_the_stages_that_execute_it(project):
+    """DVC's promise: recompute what changed. A comment appended to a module makes `dvc status` report
+    exactly the stages that run it (a solver edit never reaches prepare, train or evaluate@*)."""
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
+    for module, expected in EDITS.items():
+        path = project / "src" / "debias" / module
+        text = path.read_text()
+        path.write_text(text + "# an edit\n")
+        try:
+            changed = set(json.loads(dvc("status", "--json", cwd=project).stdout))
+        finally:
+            path.write_text(text)
+        assert changed == expected, module
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
+
+
+def test_the_cli_runs_the_stages_jobs(project, tmp_path):
+    """`debias sample`, `debias fid` and `debias analyze` on the project's params give what sample@ddim,
+    evaluate@ddim and analyze wrote: the same samples (bytes), metrics (keys and values) and tables."""
+    debias = [sys.executable, "-m", "debias"]
+    run([*debias, "sample", "models/model.pt", "--solver", "ddim", "--steps", "2", "--out", str(tmp_path / "s.npz")],
+        project)
+    assert (tmp_path / "s.npz").read_bytes() == (project / "samples" / "ddim" / "steps_2.npz").read_bytes()
+    run([*debias, "fid", "samples/ddim/steps_2.npz", "--out", str(tmp_path / "fid.json")], project)
+    scored = json.loads((tmp_path / "fid.json").read_text())
+    provenance = scored.pop("provenance")
+    staged = dict(zip(*[line.split("\t") for line in (project / "metrics" / "ddim_vs_steps.tsv").read_text().splitlines()[:2]]))
+    assert set(scored) == set(staged) - {"steps", "seconds"}
+    assert {key: repr(value) for key, value in scored.items()} == {key: staged[key] for key in scored}
+    headline = json.loads((project / "metrics" / "ddim.json").read_text())["ddim"]
+    assert {key: scored[key] for key in headline} == headline
+    assert provenance["weights_sha256"] == json.loads((project / "metrics" / "ddim.provenance.json").read_text())["weights_sha256"]
+    run([*debias, "analyze", "models/model.pt", "--out-dir", str(tmp_path / "analysis")], project)
+    for table in ("x0_bias.tsv", "color_shift.tsv"):
+        assert (tmp_path / "analysis" / table).read_text() == (project / "plots" / table).read_text(), table
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 

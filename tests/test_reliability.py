@@ -48,7 +48,7 @@ from debias.metrics.inception import resolve_inception_weights
 from debias.models.factory import model_from_checkpoint, unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.runtime import Ranks, autocast_dtype
-from debias.train.loop import Trainer, train
+from debias.train.loop import Trainer, run_logs, train
 from debias.train.rundir import CHECKPOINT, RunDir
 
 # a micro recipe: 32 digits, a one-level UNet without attention, T = 50, four steps of training
@@ -645,7 +645,8 @@ def test_fp16_needs_cuda_and_falls_back_to_bf16_on_cpu(caplog, tmp_path):
     assert autocast_dtype("fp16", torch.device("cuda"), fallback=True) == torch.float16
     cfg = config_from_dict({}, [*MICRO, "train.precision=fp16"])
     dataset = load_dataset(cfg.data)
-    trainer = Trainer(cfg, dataset, unet_kwargs_for(cfg, dataset.num_classes), torch.device("cpu"), Ranks(), tmp_path)
+    trainer = Trainer(cfg, dataset, unet_kwargs_for(cfg, dataset.num_classes), torch.device("cpu"), Ranks(),
+                      run_logs(cfg, tmp_path, torch.device("cpu"), Ranks()))
     assert (trainer.autocast_dtype, trainer.scaler) == (torch.bfloat16, None)
 
 
@@ -671,13 +672,13 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
     cfg = config_from_dict({}, MICRO)
     dataset = load_dataset(cfg.data)
     unet_kwargs = unet_kwargs_for(cfg, dataset.num_classes)
-    trainer = Trainer(cfg, dataset, unet_kwargs, torch.device("cpu"), Ranks(), tmp_path)
+    trainer = Trainer(cfg, dataset, unet_kwargs, torch.device("cpu"), Ranks(), run_logs(cfg, tmp_path, torch.device("cpu"), Ranks()))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
     monkeypatch.setattr(loop, "diffusion_loss", overflowing_at(1))
     weights = []
     for k in range(4):
         trainer.step(k)
-        weights.append([p.detach().clone() for p in trainer.params])
+        weights.append([p.detach().clone() for p in trainer.network.parameters()])
     assert trainer.scaler.get_scale() == 2.0**15
     assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1])), "the overflowing step was applied"
     assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))

@@ -19,13 +19,13 @@ from debias.diffusion.schedule import Schedule, space_timesteps
 from debias.errors import DebiasError
 from debias.images import read_npz, save_npz, save_png_folder, save_png_grid, to_uint8
 from debias.models.factory import DiffusionModel
-from debias.samplers import SOLVERS, sample, solver_options
-from debias.samplers.ddim import ddim_step
-from debias.samplers.ddpm import ddpm_step
-from debias.samplers.denoiser import Denoiser
-from debias.samplers.noise import SampleNoise, sample_labels
-from debias.samplers.timesteps import select_timesteps
-from debias.sampling import generate
+from debias.solvers import SOLVERS, sample, solver_options
+from debias.solvers.ddim import ddim_step
+from debias.solvers.ddpm import ddpm_step
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.noise import SampleNoise, sample_labels
+from debias.solvers.timesteps import select_timesteps
+from debias.sampling import generate, plan_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TARGETS = ["eps", "x0", "v"]
@@ -449,7 +449,11 @@ def tiny_model() -> DiffusionModel:
 @pytest.mark.parametrize("solver", ["ddpm", "ddim", "unipc"])
 def test_generate_is_batch_size_invariant(solver):
     options = {"eta": 1.0} if solver == "ddim" else {}
-    run = functools.partial(generate, tiny_model(), solver, 8, 8, 7, **options)
+
+    def run(batch_size, class_labels=None, **kwargs):
+        plan = plan_for(solver, seed=7, batch_size=batch_size, class_labels=class_labels, **options)
+        return generate(tiny_model(), plan, 8, 8, **kwargs)
+
     a, b = run(3), run(8)
     assert a.dtype == torch.uint8 and a.shape == (8, 1, 4, 4)
     assert torch.equal(a, b)
@@ -463,7 +467,7 @@ DISTRIBUTED_WORKER = """
 import sys, torch, torch.distributed as dist
 from debias.diffusion.schedule import Schedule
 from debias.models.factory import DiffusionModel
-from debias.sampling import generate
+from debias.sampling import generate, plan_for
 
 class Model(torch.nn.Module):
     def forward(self, x, t, y=None):
@@ -471,7 +475,7 @@ class Model(torch.nn.Module):
 
 dist.init_process_group("gloo")
 model = DiffusionModel(Model(), Schedule.named("linear", 100), "eps", False, (1, 4, 4), num_classes=3)
-images = generate(model, "ddpm", 5, 7, 3, 2)
+images = generate(model, plan_for("ddpm", seed=3, batch_size=2), 5, 7)
 torch.save(images, sys.argv[1] + f"/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
@@ -488,7 +492,7 @@ def test_generate_under_torch_distributed_equals_one_process(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=dict(env, RANK=str(rank)))
              for rank in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    single = generate(tiny_model(), "ddpm", 5, 7, 3, 4)
+    single = generate(tiny_model(), plan_for("ddpm", seed=3, batch_size=4), 5, 7)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single)
 

@@ -27,7 +27,7 @@ from debias.config import AnalyzeConfig, Config, DataConfig, DiffusionConfig, Ev
 from debias.images import read_npz
 from debias.models.unet import UNetModel
 from debias.npz import members
-from debias.sampling import Sampler, generate, prepare_sampler
+from debias.sampling import Sampling, generate, load_sampling, plan_for
 from debias.streaming import sample_to_file
 
 UNET = dict(image_size=8, in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
@@ -117,10 +117,9 @@ def test_shards_are_whole_batches():
 # ============================================================================ streaming and resuming
 
 
-def sampler_for(checkpoint: Path, **changes) -> Sampler:
-    cfg = replace(SampleConfig(), **{"steps": [3], "num_samples": 10, "batch_size": 4, "seed": 5, "device": "cpu",
-                                     **changes})
-    return prepare_sampler(checkpoint, "ddim", cfg)
+def sampler_for(checkpoint: Path, num_samples: int = 10, **changes) -> Sampling:
+    cfg = replace(SampleConfig(), **{"batch_size": 4, "seed": 5, "device": "cpu", **changes})
+    return load_sampling(checkpoint, plan_for("ddim", cfg), [3], num_samples)
 
 
 class Killed(Exception):
@@ -129,9 +128,9 @@ class Killed(Exception):
 
 def test_streamed_file_equals_the_in_memory_samples(checkpoint, tmp_path):
     sampler = sampler_for(checkpoint)
-    sampled = sample_to_file(sampler, 3, tmp_path / "x.npz", "npz", tmp_path / "chunks", chunk_size=3)
+    sampled = sample_to_file(sampler, 3, 10, tmp_path / "x.npz", "npz", tmp_path / "chunks", chunk_size=3)
     assert sampled == 4  # 0-3, 3-6, 6-9, 9-10
-    expected = generate(sampler.model, "ddim", 3, 10, 5, 4, **sampler.kwargs)
+    expected = generate(sampler.model, sampler.plan, 3, 10)
     assert torch.equal(read_npz(tmp_path / "x.npz"), expected)
     assert chunk_names(tmp_path / "chunks") == set()  # the chunk files are removed, the settings kept
     assert json.loads((tmp_path / "chunks" / "settings.json").read_text())["chunk_size"] == 3
@@ -139,9 +138,9 @@ def test_streamed_file_equals_the_in_memory_samples(checkpoint, tmp_path):
 
 def test_a_rerun_samples_only_the_missing_chunks(checkpoint, tmp_path, monkeypatch):
     reference = tmp_path / "reference.npz"
-    sample_to_file(sampler_for(checkpoint), 3, reference, "npz", tmp_path / "ref_chunks", chunk_size=3)
+    sample_to_file(sampler_for(checkpoint), 3, 10, reference, "npz", tmp_path / "ref_chunks", chunk_size=3)
     sampled: list[list[int]] = []
-    original = Sampler.samples
+    original = Sampling.samples
 
     def spy(self, steps, indices, progress=None):
         if len(sampled) == 2 and kill:
@@ -149,16 +148,16 @@ def test_a_rerun_samples_only_the_missing_chunks(checkpoint, tmp_path, monkeypat
         sampled.append(list(indices))
         return original(self, steps, indices, progress)
 
-    monkeypatch.setattr(Sampler, "samples", spy)
+    monkeypatch.setattr(Sampling, "samples", spy)
     out, chunks = tmp_path / "x.npz", tmp_path / "chunks"
     kill = True
     with pytest.raises(Killed):
-        sample_to_file(sampler_for(checkpoint), 3, out, "npz", chunks, chunk_size=3)
+        sample_to_file(sampler_for(checkpoint), 3, 10, out, "npz", chunks, chunk_size=3)
     assert not out.exists() and chunk_names(chunks) == {"00000000-00000003.npz", "00000003-00000006.npz"}
     (chunks / "00000003-00000006.npz").write_bytes(b"torn")  # a chunk that is not a complete file is resampled
     (chunks / ".00000006-00000009.npz.x.tmp").write_bytes(b"a killed writer's temporary file")
     kill, sampled = False, []
-    assert sample_to_file(sampler_for(checkpoint, batch_size=2), 3, out, "npz", chunks, chunk_size=3) == 3
+    assert sample_to_file(sampler_for(checkpoint, batch_size=2), 3, 10, out, "npz", chunks, chunk_size=3) == 3
     assert sampled == [[3, 4, 5], [6, 7, 8], [9]]
     assert out.read_bytes() == reference.read_bytes()
     assert sorted(p.name for p in chunks.iterdir()) == ["settings.json"]
@@ -167,23 +166,23 @@ def test_a_rerun_samples_only_the_missing_chunks(checkpoint, tmp_path, monkeypat
 def test_other_settings_never_mix_chunks(checkpoint, tmp_path, monkeypatch):
     chunks = tmp_path / "chunks"
     for name, changes in [("seed", {"seed": 6}), ("steps", {}), ("ema", {"ema": False})]:
-        sample_to_file(sampler_for(checkpoint), 3, tmp_path / "first.npz", "npz", chunks, 3, keep_chunks=True)
+        sample_to_file(sampler_for(checkpoint), 3, 10, tmp_path / "first.npz", "npz", chunks, 3, keep_chunks=True)
         steps = 2 if name == "steps" else 3
-        assert sample_to_file(sampler_for(checkpoint, **changes), steps, tmp_path / "x.npz", "npz", chunks, 3) == 4, name
+        assert sample_to_file(sampler_for(checkpoint, **changes), steps, 10, tmp_path / "x.npz", "npz", chunks, 3) == 4, name
         fresh = tmp_path / f"fresh_{name}.npz"
-        sample_to_file(sampler_for(checkpoint, **changes), steps, fresh, "npz", tmp_path / f"fresh_{name}", 3)
+        sample_to_file(sampler_for(checkpoint, **changes), steps, 10, fresh, "npz", tmp_path / f"fresh_{name}", 3)
         assert (tmp_path / "x.npz").read_bytes() == fresh.read_bytes(), name
     # another chunk size re-cuts the run: nothing of the old cut is kept
-    sample_to_file(sampler_for(checkpoint), 3, tmp_path / "first.npz", "npz", chunks, 3, keep_chunks=True)
-    assert sample_to_file(sampler_for(checkpoint), 3, tmp_path / "x.npz", "npz", chunks, 4) == 3
+    sample_to_file(sampler_for(checkpoint), 3, 10, tmp_path / "first.npz", "npz", chunks, 3, keep_chunks=True)
+    assert sample_to_file(sampler_for(checkpoint), 3, 10, tmp_path / "x.npz", "npz", chunks, 4) == 3
     assert (tmp_path / "x.npz").read_bytes() == (tmp_path / "first.npz").read_bytes()
 
 
 @pytest.mark.parametrize("kind,member", [("adm", "arr_0"), ("float32", "images")])
 def test_every_npz_kind_is_assembled_from_chunks(checkpoint, tmp_path, kind, member):
     sampler = sampler_for(checkpoint, num_samples=5)
-    sample_to_file(sampler, 3, tmp_path / "x.npz", kind, tmp_path / "chunks", chunk_size=2)
-    expected = generate(sampler.model, "ddim", 3, 5, 5, 4, **sampler.kwargs).numpy()
+    sample_to_file(sampler, 3, 5, tmp_path / "x.npz", kind, tmp_path / "chunks", chunk_size=2)
+    expected = generate(sampler.model, sampler.plan, 3, 5).numpy()
     info = members(tmp_path / "x.npz")
     assert list(info) == [member]
     with np.load(tmp_path / "x.npz") as data:

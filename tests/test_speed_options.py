@@ -33,9 +33,9 @@ from debias.models.factory import DiffusionModel, unet_kwargs_for
 from debias.models.layers import qkv_attention
 from debias.models.unet import UNetModel
 from debias.runtime import Ranks, inference_network
-from debias.samplers.denoiser import Denoiser
-from debias.sampling import generate
-from debias.train.loop import Trainer
+from debias.solvers.denoiser import Denoiser
+from debias.sampling import generate, plan_for
+from debias.train.loop import Trainer, run_logs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from baseline_unet import UpstreamAttentionBlock, make_baseline, upstream_ddim  # noqa: E402
@@ -90,7 +90,7 @@ def test_baseline_is_the_original_and_agrees_with_ours():
 
 def test_baseline_ddim_loop_samples_what_our_ddim_samples():
     """upstream_ddim (guided-diffusion's loop, for the sampling benchmark) and our DDIM agree from one x_T."""
-    from debias.samplers import sample
+    from debias.solvers import sample
 
     model, original = golden_model().requires_grad_(False), make_baseline(golden_model())
     schedule, shape = Schedule.named("linear", 1000), (2, 3, 16, 16)
@@ -153,7 +153,7 @@ def trainer(precision: str, tmp: Path, compile: bool = False) -> Trainer:
     images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     dataset = ImageDataset(images=images, labels=torch.zeros(16, dtype=torch.int64), num_classes=1)
     kwargs = unet_kwargs_for(cfg, 1)
-    return Trainer(cfg, dataset, kwargs, torch.device("cpu"), Ranks(), tmp)
+    return Trainer(cfg, dataset, kwargs, torch.device("cpu"), Ranks(), run_logs(cfg, tmp, torch.device("cpu"), Ranks()))
 
 
 def test_bf16_training_step_loss_within_tolerance(tmp_path):
@@ -178,7 +178,7 @@ def golden_diffusion(network) -> DiffusionModel:
 def test_bf16_sampling_within_tolerance():
     model = golden_model().requires_grad_(False)
     images = {precision: generate(golden_diffusion(inference_network(model, torch.device("cpu"), precision=precision)),
-                                  "ddim", 10, 4, 0, 4)
+                                  plan_for("ddim", seed=0, batch_size=4), 10, 4)
               for precision in ("fp32", "bf16")}
     diff = (images["bf16"].float() - images["fp32"].float()).abs()
     print(f"bf16 DDIM images: mean |diff| {diff.mean():.2f}, max {diff.max():.0f} levels")
@@ -203,7 +203,7 @@ def test_compile_options_are_wired(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = golden_model().requires_grad_(False)
-    generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), "ddim", 2, 2, 0, 2)
+    generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), plan_for("ddim", seed=0, batch_size=2), 2, 2)
     assert compiled == [model]
     run = trainer("fp32", tmp_path, compile=True)
     assert compiled[-1] is run.model
@@ -225,7 +225,7 @@ def test_lighter_ddim_step_equals_the_full_reverse_step(target, clip_x0):
     """DDIM no longer computes the posterior mean/variance it never used; its step is bitwise the
     one built from p_mean_variance's x̂0 and ε̂ (Song et al. eq. 12 with η = 0)."""
     from debias.diffusion.reverse import p_mean_variance
-    from debias.samplers.ddim import ddim_step
+    from debias.solvers.ddim import ddim_step
 
     gen = torch.Generator().manual_seed(0)
     chain = Schedule.named("cosine", 1000).respace(range(0, 1000, 50))
@@ -242,6 +242,6 @@ def test_lighter_ddim_step_equals_the_full_reverse_step(target, clip_x0):
 def test_compiled_sampling_with_a_smaller_last_batch_matches_eager():
     """Batches of 2 then 1 recompile (static shapes); the images match eager float32 sampling."""
     model = golden_model().requires_grad_(False)
-    eager = generate(golden_diffusion(model), "ddim", 3, 3, 0, 2)
-    compiled = generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), "ddim", 3, 3, 0, 2)
+    eager = generate(golden_diffusion(model), plan_for("ddim", seed=0, batch_size=2), 3, 3)
+    compiled = generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), plan_for("ddim", seed=0, batch_size=2), 3, 3)
     assert (compiled.int() - eager.int()).abs().max() <= 1

@@ -15,13 +15,13 @@ import yaml
 import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
 from debias.diffusion.schedule import Schedule
-from debias.diffusion.weighting import loss_weights
+from debias.diffusion.weighting import weight_table
 from debias.config import config_from_dict
 from debias.errors import DebiasError
 from debias.train.logs import LIVE_DIR, TIMESTEP_LOG, TRAIN_LOG
 from debias.train.loop import train
 from debias.train.rundir import CHECKPOINT, export_model
-from debias.train.state import EpochSampler
+from debias.train.state import DataOrder
 
 # a tiny UNet and a short run; dropout, flips and labels so that every random stream is exercised
 TINY = {
@@ -65,11 +65,11 @@ def train_stop_and_resume(cfg, root: Path, stop_after: int):
 
 
 def test_epoch_sampler_covers_each_epoch_once():
-    sampler = EpochSampler(size=10, batch_size=4, seed=3, device=torch.device("cpu"))
+    sampler = DataOrder(size=10, batch_size=4, seed=3, device=torch.device("cpu"))
     order = torch.cat([sampler.batch(k) for k in range(5)])  # 20 positions = 2 epochs, batches straddle them
     assert sorted(order[:10].tolist()) == list(range(10)) and sorted(order[10:].tolist()) == list(range(10))
     assert not torch.equal(order[:10], order[10:])
-    assert torch.equal(EpochSampler(10, 4, 3, torch.device("cpu")).batch(3), sampler.batch(3))
+    assert torch.equal(DataOrder(10, 4, 3, torch.device("cpu")).batch(3), sampler.batch(3))
     assert sampler.position(3) == (1, 2)
 
 
@@ -264,7 +264,7 @@ def test_a_fixed_weighting_plots_its_weight_with_u_zero(tmp_path):
     cfg = tiny("train.steps=3", "train.snapshot_steps=[]")
     train(cfg, tmp_path, progress=False)
     plot = json.loads((tmp_path / LIVE_DIR / "plots" / "custom" / "weighting.json").read_text())
-    weights = loss_weights(cfg.weighting, Schedule.named("linear", 1000).snr, cfg.target, cfg.loss)
+    weights = weight_table(cfg.weighting, Schedule.named("linear", 1000).snr, cfg.target, cfg.loss)
     assert [p["u"] for p in plot] == [0.0] * 1000
     assert [p["weight"] for p in plot] == pytest.approx(weights.tolist(), rel=1e-12)
     assert "uncertainty" not in load_checkpoint(tmp_path / CHECKPOINT).extra

@@ -8,7 +8,7 @@ from debias.config import ConfigError, config_from_dict
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.uncertainty import UncertaintyHead, fixed_point
-from debias.diffusion.weighting import WEIGHTINGS, WeightingParams, loss_weights
+from debias.diffusion.weighting import WEIGHTINGS, WeightingParams, weight_table
 
 SCHEDULE = Schedule.named("linear", 1000)
 
@@ -17,15 +17,15 @@ SCHEDULE = Schedule.named("linear", 1000)
 @pytest.mark.parametrize("target", ["eps", "x0", "v"])
 def test_learned_starts_as_its_base_weighting(base, target):
     params = WeightingParams(learned_base=base)
-    assert torch.equal(loss_weights("learned", SCHEDULE.snr, target, params),
-                       loss_weights(base, SCHEDULE.snr, target, params))
+    assert torch.equal(weight_table("learned", SCHEDULE.snr, target, params),
+                       weight_table(base, SCHEDULE.snr, target, params))
     head = UncertaintyHead(generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0, 10, 500, 999])
     u = head(SCHEDULE.snr.log()[t])
     assert u.shape == (4,) and torch.equal(u, torch.zeros(4))  # zero-initialised: u ≡ 0
     g = torch.Generator().manual_seed(1)
     x0, noise, out = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
-    w = loss_weights(base, SCHEDULE.snr, target, params)
+    w = weight_table(base, SCHEDULE.snr, target, params)
     plain = diffusion_loss(SCHEDULE, out, x0, noise, t, target, w, False)
     learned = diffusion_loss(SCHEDULE, out, x0, noise, t, target, w, False, u)
     torch.testing.assert_close(learned.loss, plain.loss, rtol=0, atol=0)
@@ -35,7 +35,7 @@ def test_the_loss_is_w_over_e_u_times_mse_plus_u():
     t, u = torch.tensor([3, 700]), torch.tensor([0.5, -1.25])
     g = torch.Generator().manual_seed(2)
     x0, noise, out = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
-    w = loss_weights("debias", SCHEDULE.snr, "eps", WeightingParams())
+    w = weight_table("debias", SCHEDULE.snr, "eps", WeightingParams())
     terms = diffusion_loss(SCHEDULE, out, x0, noise, t, "eps", w, False, u)
     expected = w[t].float() * terms.mse * torch.exp(-u) + u
     torch.testing.assert_close(terms.loss, expected)
@@ -49,7 +49,7 @@ def test_u_converges_to_log_of_the_expected_weighted_mse(target, base):
     0.05 on average (measured ≤ 0.03); the two ends, 0.2 % of the draws each, within 1 (measured ≤ 0.85)."""
     torch.manual_seed(0)
     s, batch, shape = 0.5, 512, (3, 4, 4)
-    w = loss_weights(base, SCHEDULE.snr, target, WeightingParams())
+    w = weight_table(base, SCHEDULE.snr, target, WeightingParams())
     head = UncertaintyHead(generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k < 1000 else 0.2)

@@ -15,14 +15,14 @@ from debias.config import SampleConfig, config_from_dict
 from debias.convert import convert_checkpoint, parse_flags
 from debias.diffusion.losses import diffusion_loss
 from debias.diffusion.schedule import Schedule, space_timesteps
-from debias.diffusion.weighting import loss_weights
+from debias.diffusion.weighting import weight_table
 from debias.errors import DebiasError
 from debias.images import read_npz, save_adm_npz
 from debias.metrics.features import FeatureStats
 from debias.metrics.inception import resolve_inception_weights
 from debias.metrics.scores import compute_metrics
-from debias.samplers.dpm_solver import step_order
-from debias.samplers.grid import LogAlpha, make_grid
+from debias.solvers.multistep import step_order
+from debias.solvers.grid import LogAlpha, make_grid
 from debias.sampling import sample_checkpoint
 from debias.sources import image_source
 
@@ -187,12 +187,12 @@ def test_weight_space_target_is_the_originals_literal_weighting(target):
     g = load_fixture("diffusion_linear_1000_respaced50.pt")
     cfg = config_from_dict({}, ["weighting=debias", f"target={target}", "loss.weight_space=target"])
     schedule = Schedule.named("linear", 1000)
-    weights = loss_weights(cfg.weighting, schedule.snr, cfg.target, cfg.loss)
+    weights = weight_table(cfg.weighting, schedule.snr, cfg.target, cfg.loss)
     terms = diffusion_loss(schedule, g["model_output"][:, :3], g["x0"], g["noise"], g["t"], target, weights, False)
     expected = g["weight/debias"][g["t"]] * g[f"{target}/mse_unweighted"]
     torch.testing.assert_close(terms.loss.double(), expected, rtol=1e-5, atol=1e-7)
     eps_space = config_from_dict({}, ["weighting=debias", f"target={target}"])
-    assert not torch.allclose(loss_weights("debias", schedule.snr, target, eps_space.loss), weights)
+    assert not torch.allclose(weight_table("debias", schedule.snr, target, eps_space.loss), weights)
 
 
 # ----------------------------------------------------------------------------- evaluation format

@@ -7,7 +7,7 @@ import torch
 
 from debias.diffusion import targets
 from debias.diffusion.schedule import Schedule
-from debias.diffusion.weighting import (WEIGHTINGS, WeightingParams, eps_weight, loss_weights, target_weight)
+from debias.diffusion.weighting import (WEIGHTINGS, WeightingParams, eps_weight, weight_table, target_weight)
 
 SNR = torch.tensor([1e-4, 0.03, 0.5, 1.0, 3.0, 25.0, 1e4], dtype=torch.float64)
 P = WeightingParams(p2_gamma=0.5, p2_k=1.0, min_snr_gamma=5.0, sigmoid_bias=1.5, edm_sigma_data=0.5,
@@ -71,9 +71,9 @@ def test_snr_weighting_is_plain_x0_mse():
 
 def test_debias_mean_on_linear_schedule_and_normalization():
     snr = Schedule.named("linear", 1000).snr
-    w = loss_weights("debias", snr, "eps")
+    w = weight_table("debias", snr, "eps")
     assert 17.7 < float(w.mean()) < 17.9  # the paper's weights are not normalized
-    wn = loss_weights("debias", snr, "eps", WeightingParams(normalize=True))
+    wn = weight_table("debias", snr, "eps", WeightingParams(normalize=True))
     assert abs(float(wn.mean()) - 1.0) < 1e-12
     torch.testing.assert_close(wn / wn[0], w / w[0])
 

@@ -24,7 +24,7 @@ from debias.metrics.scores import compute_metrics
 from debias.models.factory import DiffusionModel
 from debias.progress import Report
 from debias.runtime import Ranks, gather_shards, shard_bounds
-from debias.samplers.denoiser import Denoiser
+from debias.solvers.denoiser import Denoiser
 from debias.sampling import sample_checkpoint
 
 
@@ -150,12 +150,15 @@ def write_bias_analysis(model: DiffusionModel, images: Tensor, labels: Tensor | 
     return table
 
 
-def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: SampleConfig, *, tsv: Path, png: Path,
-                         grid_png: Path, device: str = "cpu", progress: Report | None = None) -> list[dict]:
-    """Colour shift vs sampling steps (``cfg.steps``), with the same seeds at every step count: TSV, curve
-    and the Figure-1-style grid (one row of the first 8 seeds per step count), written by rank 0;
-    ``progress(done, total)`` counts the network evaluations of each step count in turn."""
-    samples = dict(sample_checkpoint(checkpoint, solver, cfg, device=device, progress=progress))
+def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: SampleConfig, *, steps: Sequence[int],
+                         num_samples: int, seed: int, tsv: Path, png: Path, grid_png: Path, device: str = "cpu",
+                         progress: Report | None = None) -> list[dict]:
+    """Colour shift vs sampling steps: ``num_samples`` samples of ``solver`` (the sample params ``cfg``, with
+    ``seed``) at each of ``steps``, the same seeds at every step count: TSV, curve and the Figure-1-style grid
+    (one row of the first 8 seeds per step count), written by rank 0; ``progress(done, total)`` counts the
+    network evaluations of each step count in turn."""
+    samples = dict(sample_checkpoint(checkpoint, solver, cfg, steps=steps, num_samples=num_samples, seed=seed,
+                                     device=device, progress=progress))
     table = shift_table(color_shift(samples, data_mean))
     if Ranks.current().main:
         write_tsv(tsv, table)
@@ -166,14 +169,16 @@ def write_color_analysis(checkpoint: Path, data_mean: Tensor, solver: str, cfg: 
     return table
 
 
-def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | FeatureStats, solver: str, cfg: SampleConfig, *,
-                          eval_options: dict, tsv: Path, png: Path, device: str = "cpu",
-                          progress: Report | None = None) -> list[dict]:
-    """FID of each training snapshot (``step_<k>.pt``) sampled with one solver at ``cfg.steps[0]``: TSV +
-    curve, written by rank 0; ``progress(done, total)`` counts snapshots."""
+def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | FeatureStats, solver: str, cfg: SampleConfig,
+                          *, steps: int, num_samples: int, seed: int, eval_options: dict, tsv: Path, png: Path,
+                          device: str = "cpu", progress: Report | None = None) -> list[dict]:
+    """FID of each training snapshot (``step_<k>.pt``): ``num_samples`` samples of ``solver`` (the sample params
+    ``cfg``, with ``seed``) at ``steps``: TSV + curve, written by rank 0; ``progress(done, total)`` counts
+    snapshots."""
     rows = []
     for path in sorted(snapshots):
-        _, images = next(sample_checkpoint(path, solver, cfg, device=device))
+        _, images = next(sample_checkpoint(path, solver, cfg, steps=[steps], num_samples=num_samples, seed=seed,
+                                           device=device))
         result = compute_metrics(images, reference, metrics=("fid",), device=device, **eval_options)
         rows.append({"train_step": int(path.stem.removeprefix("step_")), "fid": result["fid"]})
         if progress is not None:
@@ -181,5 +186,5 @@ def write_fid_vs_training(snapshots: Sequence[Path], reference: Features | Featu
     if Ranks.current().main:
         write_tsv(tsv, rows)
         plot_lines(png, {"FID": ([r["train_step"] for r in rows], [r["fid"] for r in rows])},
-                   title=f"FID vs training ({solver}, {cfg.steps[0]} steps)", xlabel="training step", ylabel="FID")
+                   title=f"FID vs training ({solver}, {steps} steps)", xlabel="training step", ylabel="FID")
     return rows

@@ -1,19 +1,23 @@
-"""The names of every registry family — what params.yaml, ``dvc exp run -S`` and the CLI accept — in one
-module that imports nothing, so that the command line offers them as choices without loading torch.
+"""The ground floor: the names of every registry family and the defaults that configuration needs —
+what params.yaml, ``dvc exp run -S`` and the CLI accept — in one module that imports nothing, so that
+the command line offers them as choices without loading torch and :mod:`debias.config` validates a
+params file without importing a single implementation.
 
 Each registry binds its implementations to exactly these names and checks it when it is imported
 (:func:`check_registry`): weightings and weight spaces (:mod:`debias.diffusion.weighting`), targets
 (:mod:`debias.diffusion.targets`), schedules (:mod:`debias.diffusion.schedule`), datasets
-(:mod:`debias.data`), solvers, arithmetic (:mod:`debias.samplers`), UniPC variants
-(:mod:`debias.samplers.unipc`), spacings (:mod:`debias.samplers.grid`), presets
-(:mod:`debias.samplers.presets`), metrics (:mod:`debias.metrics.scores`), devices and precisions
-(:mod:`debias.runtime`), timestep samplers (:mod:`debias.diffusion.densities`), EMAs
-(:mod:`debias.train.state`).
+(:mod:`debias.data`), solvers and their options (:mod:`debias.solvers`), arithmetic
+(:mod:`debias.solvers`), spacings (:mod:`debias.solvers.grid`), presets (:mod:`debias.solvers.presets`),
+metrics (:mod:`debias.metrics.scores`), precisions (:mod:`debias.runtime`), timestep densities
+(:mod:`debias.diffusion.densities`), EMAs (:mod:`debias.train.state`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 WEIGHTINGS = ("constant", "p2", "min_snr", "snr", "debias", "max_snr", "sigmoid", "edm", "learned")
 WEIGHT_SPACES = ("eps", "target")
@@ -31,7 +35,43 @@ METRICS = ("fid", "sfid", "kid", "pr", "isc")
 DEVICES = ("cpu", "cuda", "auto")  # the names params.yaml takes (the library also takes cuda:N)
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMAS = ("traditional", "phema")
-TIMESTEP_SAMPLERS = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
+TIMESTEP_DENSITIES = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
+
+INCEPTION_BATCH_SIZE = 16  # images per Inception call: 8-16 run fastest on a CPU, 1.2x over 64 (benchmarks/BENCHMARKS.md)
+PHEMA_STD_MAX = math.sqrt(1 / 12)  # σ_rel of the uniform average (γ = 0): every EMA length lies in (0, PHEMA_STD_MAX)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A solver option: its default, and what values it takes (``valid``, described by ``allowed``)."""
+
+    default: Any
+    valid: Callable[[Any], bool]
+    allowed: str
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# every solver option; which solver takes which is the registry's (debias.solvers.SOLVERS)
+SOLVER_OPTIONS: dict[str, Option] = {
+    "eta": Option(0.0, lambda v: _number(v) and v >= 0, "a number >= 0"),                # DDIM η
+    "order": Option(2, lambda v: _count(v) and v in (1, 2, 3), "1, 2 or 3"),            # DPM-Solver / UniPC
+    "variant": Option("bh2", lambda v: v in UNIPC_VARIANTS, " or ".join(UNIPC_VARIANTS)),  # UniPC B(h)
+    # DPM-Solver lowers the order of its final steps in runs of fewer steps than this (0: never)
+    "lower_order_final": Option(15, lambda v: _count(v) and v >= 0, "a step count >= 0"),
+}
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid value of solver option ``key`` (None if it is)."""
+    option = SOLVER_OPTIONS[key]
+    return None if option.valid(value) else f"must be {option.allowed}, got {value!r}"
 
 
 def check_registry(registry: Iterable[str], names: tuple[str, ...], family: str) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from debias import __version__
 from debias.errors import DebiasError
 from debias.io import atomic_write
-from debias.phema import STD_MAX
+from debias.catalog import PHEMA_STD_MAX
 
 FORMAT = "debias-checkpoint"
 FORMAT_VERSION = 2  # 2: per-tensor CRC-32 checksums; 1 (read too): none
@@ -254,7 +254,7 @@ def _is_ema_name(text: str) -> bool:
         value = float(text.removeprefix("phema-"))
     except ValueError:
         return False
-    return math.isfinite(value) and (0.0 < value < STD_MAX if profile else 0.0 <= value < 1.0)
+    return math.isfinite(value) and (0.0 < value < PHEMA_STD_MAX if profile else 0.0 <= value < 1.0)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str, check_only: bool = False) -> None:

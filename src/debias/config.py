@@ -17,16 +17,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, EMAS, METRICS, PRECISIONS, PRESETS, SCHEDULES, SOLVERS, SPACINGS,
-                            TARGETS, TIMESTEP_SAMPLERS, WEIGHT_SPACES, WEIGHTINGS)
-from debias.diffusion.weighting import WeightingParams
-from debias.metrics.extractor import BATCH_SIZE
-from debias.phema import STD_MAX
-from debias.samplers import OPTIONS, option_problem
+from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, EMAS, INCEPTION_BATCH_SIZE, METRICS, PHEMA_STD_MAX, PRECISIONS,
+                            PRESETS, SCHEDULES, SOLVER_OPTIONS, SOLVERS, SPACINGS, TARGETS, TIMESTEP_DENSITIES,
+                            WEIGHT_SPACES, WEIGHTINGS, option_problem)
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
-           "EvalConfig", "AnalyzeConfig", "TRAINING_SECTIONS", "config_from_dict", "load_config"]
+           "EvalConfig", "AnalyzeConfig", "WeightingParams", "TRAINING_SECTIONS", "config_from_dict", "load_config"]
 
 # the top-level keys a training run depends on (everything else is sampling, evaluation, analysis)
 TRAINING_SECTIONS = ("weighting", "target", "seed", "data", "model", "diffusion", "loss", "train")
@@ -98,6 +95,29 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class WeightingParams:
+    """Hyper-parameters of the weightings (section ``loss``; :mod:`debias.diffusion.weighting`)."""
+
+    p2_gamma: float = 1.0        # γ of P2
+    p2_k: float = 1.0            # k of P2
+    min_snr_gamma: float = 5.0   # γ of Min-SNR
+    sigmoid_bias: float = 0.0    # b of the sigmoid weighting (tune per dataset)
+    edm_sigma_data: float = 0.5  # σ_data of EDM
+    normalize: bool = False      # rescale the applied weight to mean 1 over t
+    weight_space: str = "eps"    # eps: w on the ε-MSE (carried into the target's space) | target: w on the target's MSE
+    importance_correction: bool = False  # × 1/(T p(t)) for train.timestep_sampler's p: the uniform objective
+    learned_base: str = "constant"  # weighting: learned — the weighting w that the learned e^{-u(t)} multiplies
+
+    def __post_init__(self):
+        require(self.p2_k > 0, "loss.p2_k", "must be > 0")
+        require(self.p2_gamma >= 0, "loss.p2_gamma", "must be >= 0")
+        require(self.min_snr_gamma > 0, "loss.min_snr_gamma", "must be > 0")
+        require(self.edm_sigma_data > 0, "loss.edm_sigma_data", "must be > 0")
+        one_of(self.weight_space, WEIGHT_SPACES, "loss.weight_space")
+        one_of(self.learned_base, tuple(w for w in WEIGHTINGS if w != "learned"), "loss.learned_base")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The training loop."""
 
@@ -125,7 +145,7 @@ class TrainConfig:
 
     def __post_init__(self):
         require(self.steps >= 1, "train.steps", "must be >= 1")
-        one_of(self.timestep_sampler, TIMESTEP_SAMPLERS, "train.timestep_sampler")
+        one_of(self.timestep_sampler, TIMESTEP_DENSITIES, "train.timestep_sampler")
         require(self.timestep_loc is None or abs(self.timestep_loc) <= 100, "train.timestep_loc",
                 "must be null or a log-SNR in [-100, 100]")
         require(self.timestep_scale is None or 0 < self.timestep_scale <= 100, "train.timestep_scale",
@@ -139,8 +159,8 @@ class TrainConfig:
                  "must be a non-empty list of rates in [0, 1)")
         one_of(self.ema, EMAS, "train.ema")
         require(1 <= len(self.phema_std) <= 8 and len(set(self.phema_std)) == len(self.phema_std)
-                and all(0 < s < STD_MAX for s in self.phema_std), "train.phema_std",
-                f"must be 1 to 8 distinct EMA lengths σ_rel in (0, {STD_MAX:.4f})")
+                and all(0 < s < PHEMA_STD_MAX for s in self.phema_std), "train.phema_std",
+                f"must be 1 to 8 distinct EMA lengths σ_rel in (0, {PHEMA_STD_MAX:.4f})")
         require(self.phema_every >= 1, "train.phema_every", "must be >= 1")
         one_of(self.precision, PRECISIONS, "train.precision")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
@@ -159,15 +179,15 @@ class SampleConfig:
     num_samples: int = 128
     batch_size: int = 128
     seed: int = 0
-    preset: str = "none"             # upstream: every setting below as the paper's code (samplers/presets.py)
+    preset: str = "none"             # upstream: every setting below as the paper's code (solvers/presets.py)
     clip_x0: bool = True
-    spacing: str = "auto"            # auto: each solver's measured best (samplers/__init__.py), or a spacing name
+    spacing: str = "auto"            # auto: each solver's measured best (solvers/__init__.py), or a spacing name
     denoise_to_zero: bool = True     # end at σ = 0 (the last call's x̂0), else at the grid's last noise level
-    arithmetic: str = "debias"       # upstream: the original's float arithmetic (samplers/__init__.py, slower)
-    eta: float = OPTIONS["eta"].default              # DDIM η
-    order: int = OPTIONS["order"].default            # DPM-Solver / UniPC order
-    unipc_variant: str = OPTIONS["variant"].default  # UniPC B(h): bh1 or bh2
-    lower_order_final: int = OPTIONS["lower_order_final"].default  # DPM-Solver: runs of fewer steps lower their last orders
+    arithmetic: str = "debias"       # upstream: the original's float arithmetic (solvers/__init__.py, slower)
+    eta: float = SOLVER_OPTIONS["eta"].default              # DDIM η
+    order: int = SOLVER_OPTIONS["order"].default            # DPM-Solver / UniPC order
+    unipc_variant: str = SOLVER_OPTIONS["variant"].default  # UniPC B(h): bh1 or bh2
+    lower_order_final: int = SOLVER_OPTIONS["lower_order_final"].default  # DPM-Solver: runs of fewer steps lower their last orders
     ema: bool = True                 # sample the first EMA's weights
     ema_std: float | None = None     # sample the post-hoc EMA of this σ_rel (needs train.ema: phema; debias.phema)
     precision: str = "fp32"          # fp32 (TF32 matmuls on CUDA) | bf16 | fp16 (CUDA): autocast
@@ -191,8 +211,8 @@ class SampleConfig:
                             ("lower_order_final", "lower_order_final")):
             problem = option_problem(option, getattr(self, key))
             require(problem is None, f"sample.{key}", str(problem))
-        require(self.ema_std is None or 0 < self.ema_std < STD_MAX, "sample.ema_std",
-                f"must be null or an EMA length σ_rel in (0, {STD_MAX:.4f})")
+        require(self.ema_std is None or 0 < self.ema_std < PHEMA_STD_MAX, "sample.ema_std",
+                f"must be null or an EMA length σ_rel in (0, {PHEMA_STD_MAX:.4f})")
         one_of(self.precision, PRECISIONS, "sample.precision")
         one_of(self.device, DEVICES, "sample.device")
         require(self.chunk_size >= 1, "sample.chunk_size", "must be >= 1")
@@ -208,7 +228,7 @@ class EvalConfig:
     reference_images: int | None = 400    # use a fixed random subset of N reference images (null = all)
     kid_subset_size: int = 100
     pr_k: int = 3
-    batch_size: int = BATCH_SIZE  # images per Inception call
+    batch_size: int = INCEPTION_BATCH_SIZE  # images per Inception call
     device: str = "auto"
 
     def __post_init__(self):
@@ -270,12 +290,6 @@ class Config:
         one_of(self.weighting, WEIGHTINGS, "weighting")
         one_of(self.target, TARGETS, "target")
         require(self.seed >= 0, "seed", "must be >= 0")
-        require(self.loss.p2_k > 0, "loss.p2_k", "must be > 0")
-        require(self.loss.p2_gamma >= 0, "loss.p2_gamma", "must be >= 0")
-        require(self.loss.min_snr_gamma > 0, "loss.min_snr_gamma", "must be > 0")
-        require(self.loss.edm_sigma_data > 0, "loss.edm_sigma_data", "must be > 0")
-        one_of(self.loss.weight_space, WEIGHT_SPACES, "loss.weight_space")
-        one_of(self.loss.learned_base, tuple(w for w in WEIGHTINGS if w != "learned"), "loss.learned_base")
         require("kid" not in self.eval.metrics or self.eval.kid_subset_size <= self.sample.num_samples,
                  "eval.kid_subset_size", f"must be <= sample.num_samples={self.sample.num_samples} (KID draws subsets of the samples)")
 

@@ -32,7 +32,8 @@ from torch import Tensor
 from debias import catalog
 from debias.catalog import check_registry
 from debias.errors import DebiasError, one_line
-from debias.images import IMAGE_SUFFIXES, BadImage, decode_image, from_uint8, to_mode
+from debias.images import IMAGE_SUFFIXES, BadImage, decode_image, from_uint8, to_mode, to_uint8
+from debias.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +261,21 @@ def load_dataset(cfg: DataSpec) -> ImageDataset:
     if cfg.class_cond and dataset.labels is None:
         raise DebiasError(f"data.class_cond: dataset {cfg.name!r} has no class labels")
     return dataset
+
+
+def save_prepared(path: Path, dataset: ImageDataset) -> None:
+    """The prepared training set: uint8 images (N, C, H, W) and labels (N,) (empty when unlabelled)."""
+    labels = dataset.labels.numpy() if dataset.labels is not None else np.zeros(0, dtype=np.int64)
+    atomic_write(path, lambda f: np.savez(f, images=to_uint8(dataset.images).numpy(), labels=labels,
+                                          num_classes=np.int64(dataset.num_classes or 0)))
+
+
+def load_prepared(path: Path) -> ImageDataset:
+    """The training set written by :func:`save_prepared`, as floats in [-1, 1]."""
+    if not path.is_file():
+        raise DebiasError(f"{path} not found; run `dvc repro prepare` first")
+    with np.load(path) as data:
+        images = from_uint8(data["images"])
+        labels = torch.from_numpy(data["labels"]) if data["labels"].size else None
+        num_classes = int(data["num_classes"]) or None
+    return ImageDataset(images=images, labels=labels, num_classes=num_classes)

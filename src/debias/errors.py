@@ -1,11 +1,16 @@
-"""The one exception type that reaches users as a single line.
+"""The one exception type that reaches users as a single line, and the one handler that prints it.
 
 Library code raises :class:`DebiasError` for anything a user can fix (bad config, missing file,
 wrong checkpoint, an unknown solver or option). It is a ``ValueError``, so validation code needs no
 translation layer between "a bad value" and "a user error". The CLI and the stage scripts print its
-message as one line and exit with code 2, and so do what the system refuses (:func:`user_message`: a
-file operation, memory); every other exception is a bug and keeps its traceback.
+message as one line and exit with code 2 (:func:`one_line_errors`), and so do what the system refuses
+(:func:`user_message`: a file operation, memory); every other exception is a bug and keeps its traceback.
 """
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 
 
 # every character str.splitlines() breaks at, shown escaped so that a message is always one line
@@ -20,8 +25,6 @@ def one_line(text: str) -> str:
 def reports_errors() -> bool:
     """Whether this process prints user errors: rank 0 of a torchrun job (every rank exits with code 2),
     or a process outside torchrun."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -50,3 +53,18 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, RuntimeError) and any(text in str(err) for text in ALLOCATION_FAILURES):
         return one_line(str(err).strip().splitlines()[0])[:300]
     return None
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a user error (:func:`user_message`) into one line on stderr (from rank 0 under torchrun) and exit
+    code 2 on every rank; a bug keeps its traceback."""
+    try:
+        yield
+    except (DebiasError, OSError, MemoryError, RuntimeError) as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        if reports_errors():
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

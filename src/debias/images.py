@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -22,10 +22,10 @@ from torch import Tensor
 
 from debias.errors import DebiasError
 from debias.io import atomic_write
-from debias.npz import members, open_member, write_npz
+from debias.npz import Stream, members, open_member, write_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-OUTPUT_SUFFIXES = (".png", ".npz")  # what save_images writes: a PNG grid, or the uint8 array
+OUTPUT_SUFFIXES = (".png", ".npz")  # image files written here: a PNG grid, or an array file
 
 ImageSource = Union[str, os.PathLike, np.ndarray, Tensor]
 
@@ -251,19 +251,34 @@ def save_png_folder(images: Tensor | np.ndarray, directory: str | Path, indices:
         _save_png(image.transpose(1, 2, 0), Path(directory) / f"{int(index):06d}.png")
 
 
+NPZ_LAYOUTS = ("npz", "adm", "float32")
+
+
+def write_images_npz(path: str | Path, blocks: Iterable[np.ndarray], shape: Sequence[int], layout: str = "npz") -> None:
+    """The one writer of image ``.npz`` files: images of ``shape`` (N, C, H, W), given as C-ordered blocks along
+    N (one block in memory at a time), in ``layout`` — ``npz``: uint8 ``images`` (N, C, H, W), debias's;
+    ``adm``: uint8 ``arr_0`` (N, H, W, C), guided-diffusion's sample batches; ``float32``: unrounded float32
+    ``images`` (N, C, H, W). Atomic and deterministic."""
+    n, c, h, w = shape
+    if layout == "adm":
+        write_npz(path, {"arr_0": Stream((n, h, w, c), np.dtype(np.uint8), (b.transpose(0, 2, 3, 1) for b in blocks))})
+    elif layout in ("npz", "float32"):
+        dtype = np.dtype(np.float32 if layout == "float32" else np.uint8)
+        write_npz(path, {"images": Stream((n, c, h, w), dtype, blocks)})
+    else:
+        raise ValueError(f"unknown npz layout {layout!r}")
+
+
 def save_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
     """Save uint8 (N, C, H, W) images as ``images`` in an .npz file, atomically."""
-    write_npz(path, {"images": checked_images(images).numpy()})
+    arr = checked_images(images).numpy()
+    write_images_npz(path, [arr], arr.shape)
 
 
 def save_adm_npz(images: Tensor | np.ndarray, path: str | Path) -> None:
     """Save uint8 (N, C, H, W) images as guided-diffusion's sample batches do: ``arr_0`` uint8 (N, H, W, C)."""
-    write_npz(path, {"arr_0": checked_images(images).numpy().transpose(0, 2, 3, 1)})
-
-
-def save_float_npz(samples: Tensor, path: str | Path) -> None:
-    """Save unrounded float32 samples (N, C, H, W) as ``images`` in an .npz file, atomically."""
-    write_npz(path, {"images": samples.detach().cpu().float().numpy()})
+    arr = checked_images(images).numpy()
+    write_images_npz(path, [arr], arr.shape, "adm")
 
 
 def read_noise(path: str | Path) -> Tensor:
@@ -278,15 +293,9 @@ def read_noise(path: str | Path) -> Tensor:
 
 
 def check_output(path: str | Path) -> Path:
-    """``path`` if :func:`save_images` can write it (a ``.png`` grid or an ``.npz``); DebiasError otherwise."""
+    """``path`` if it names an image file this library writes (a ``.png`` grid or an ``.npz``); DebiasError otherwise."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise DebiasError(f"{path}: unknown output kind {suffix or '(no suffix)'!r}; use .png (a grid) or .npz")
     return path
-
-
-def save_images(images: Tensor | np.ndarray, path: str | Path) -> None:
-    """Write uint8 (N, C, H, W) images as a PNG grid (``.png``) or an array file (``.npz``)."""
-    path = check_output(path)
-    (save_png_grid if path.suffix.lower() == ".png" else save_npz)(images, path)

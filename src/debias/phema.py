@@ -23,9 +23,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from debias.catalog import PHEMA_STD_MAX
 from debias.errors import DebiasError
 
-STD_MAX = float(np.sqrt(1 / 12))  # σ_rel of γ = 0 (the uniform average): every σ_rel lies in (0, STD_MAX)
+PHEMA_DIR = "phema"  # the folder of a run's profile snapshots, phema-<step>.pt, beside its checkpoint or model
+
 
 
 def exp_to_std(exp: float) -> float:
@@ -34,7 +36,7 @@ def exp_to_std(exp: float) -> float:
 
 
 def std_to_exp(std: float) -> float:
-    """Exponent γ of σ_rel ∈ (0, STD_MAX) (eq. 126)."""
+    """Exponent γ of σ_rel ∈ (0, PHEMA_STD_MAX) (eq. 126)."""
     check_std(std)
     t = std ** -2
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
@@ -42,8 +44,8 @@ def std_to_exp(std: float) -> float:
 
 def check_std(std: float) -> float:
     """``std`` as a float if it is a valid σ_rel, else a DebiasError line."""
-    if isinstance(std, bool) or not (isinstance(std, (int, float)) and 0 < std < STD_MAX):
-        raise DebiasError(f"an EMA length σ_rel must be a number in (0, {STD_MAX:.4f}), got {std!r}")
+    if isinstance(std, bool) or not (isinstance(std, (int, float)) and 0 < std < PHEMA_STD_MAX):
+        raise DebiasError(f"an EMA length σ_rel must be a number in (0, {PHEMA_STD_MAX:.4f}), got {std!r}")
     return float(std)
 
 

@@ -13,9 +13,7 @@ from torch import Tensor
 
 from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from debias.errors import DebiasError
-from debias.phema import check_std, coefficients, profile_key
-
-SNAPSHOT_DIR = "phema"
+from debias.phema import PHEMA_DIR, check_std, coefficients, profile_key
 
 
 def snapshot_files(folder: str | Path) -> list[tuple[int, Path]]:
@@ -23,8 +21,8 @@ def snapshot_files(folder: str | Path) -> list[tuple[int, Path]]:
     folder = Path(folder)
     if not folder.exists():
         raise DebiasError(f"{folder}: not found")
-    if (folder / SNAPSHOT_DIR).is_dir():
-        folder = folder / SNAPSHOT_DIR
+    if (folder / PHEMA_DIR).is_dir():
+        folder = folder / PHEMA_DIR
     found = []
     for path in folder.glob("phema-*.pt") if folder.is_dir() else ():
         digits = path.stem.removeprefix("phema-")
@@ -99,5 +97,5 @@ def sampling_checkpoint(checkpoint: str | Path, ema_std: float | None) -> Iterat
         return
     with tempfile.TemporaryDirectory() as tmp:
         rebuilt = Path(tmp) / "model.pt"
-        reconstruct_to(checkpoint.parent / SNAPSHOT_DIR, ema_std, rebuilt)
+        reconstruct_to(checkpoint.parent / PHEMA_DIR, ema_std, rebuilt)
         yield rebuilt

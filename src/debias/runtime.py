@@ -251,3 +251,13 @@ def relaunch_on_all_gpus(devices: str, args: list[str]) -> None:
     if gpus > 1:
         os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    f"--nproc-per-node={gpus}", *args])
+
+
+@contextlib.contextmanager
+def on_devices(devices: str, argv: list[str]) -> Iterator[tuple[Ranks, torch.device]]:
+    """Run a job on ``devices``: with several visible GPUs (cuda/auto) relaunch this process's command line
+    ``python argv`` under torchrun, one process per GPU (:func:`relaunch_on_all_gpus`); then join the process
+    group (:func:`processes`) and yield (ranks, this rank's device)."""
+    relaunch_on_all_gpus(devices, argv)
+    with processes(devices) as (ranks, device):
+        yield ranks, device

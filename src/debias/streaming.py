@@ -2,11 +2,11 @@
 
 The N samples of a run are cut into chunks of ``chunk_size`` indices. Each finished chunk is written
 atomically as ``<start>-<stop>.npz`` into a chunk folder beside a ``settings.json`` that records
-everything that determines the samples (the ``identity`` of :class:`debias.sampling.Sampler`: the checkpoint's
+everything that determines the samples (:meth:`debias.sampling.Sampling.identity`: the checkpoint's
 digest, solver, steps, seed, grid, options, precision, …, not the batch size or the number of
 processes, which do not change a sample). A rerun with the same settings samples only the missing
 chunks; with other settings the old chunks are deleted first, never mixed in. The output is then
-assembled from the chunks as a stream (:func:`debias.npz.write_npz`) and the chunk files removed.
+assembled from the chunks as a stream (:func:`debias.images.write_images_npz`) and the chunk files removed.
 
 Under torchrun every rank samples its share of the missing chunks and writes them itself (nothing is
 gathered in memory); rank 0 assembles the output once all are written.
@@ -24,17 +24,17 @@ import numpy as np
 import torch.distributed as dist
 
 from debias.errors import DebiasError
-from debias.images import save_png_folder, save_png_grid
+from debias.images import NPZ_LAYOUTS, save_png_folder, save_png_grid, write_images_npz
 from debias.io import atomic_folder, write_json
-from debias.npz import Stream, members, open_member, write_npz
+from debias.npz import members, open_member, write_npz
 from debias.runtime import Ranks, on_main
-from debias.sampling import Sampler
+from debias.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
 SETTINGS = "settings.json"
 # what an output file holds: the debias layout, guided-diffusion's batch layout, unrounded float32
-KINDS = ("npz", "adm", "float32", "png", "folder")
+KINDS = (*NPZ_LAYOUTS, "png", "folder")
 
 
 def chunk_name(start: int, stop: int) -> str:
@@ -91,14 +91,8 @@ class ChunkStore:
 def assemble(store: ChunkStore, out: Path, kind: str, shape: tuple[int, ...]) -> None:
     """Write the output of ``kind`` from the chunks: streamed into an ``.npz`` (or the PNGs of a folder);
     a PNG grid needs all images at once."""
-    n = store.total
-    if kind == "npz":
-        write_npz(out, {"images": Stream((n, *shape), np.dtype(np.uint8), store.blocks())})
-    elif kind == "adm":
-        blocks = (block.transpose(0, 2, 3, 1) for block in store.blocks())
-        write_npz(out, {"arr_0": Stream((n, *shape[1:], shape[0]), np.dtype(np.uint8), blocks)})
-    elif kind == "float32":
-        write_npz(out, {"images": Stream((n, *shape), np.dtype(np.float32), store.blocks())})
+    if kind in NPZ_LAYOUTS:
+        write_images_npz(out, store.blocks(), (store.total, *shape), kind)
     elif kind == "folder":
         def write(folder: Path) -> None:
             for r, block in zip(store.ranges, store.blocks()):
@@ -111,9 +105,9 @@ def assemble(store: ChunkStore, out: Path, kind: str, shape: tuple[int, ...]) ->
         raise ValueError(f"unknown output kind {kind!r}")
 
 
-def sample_to_file(sampler: Sampler, steps: int, out: Path, kind: str, chunk_dir: Path, chunk_size: int,
-                   progress: Callable[[int, int], None] | None = None, keep_chunks: bool = False) -> int:
-    """Sample ``sampler.cfg.num_samples`` images at ``steps`` into ``out`` (of ``kind``, see :data:`KINDS`)
+def sample_to_file(sampling: Sampling, steps: int, num_samples: int, out: Path, kind: str, chunk_dir: Path,
+                   chunk_size: int, progress: Callable[[int, int], None] | None = None, keep_chunks: bool = False) -> int:
+    """Sample ``num_samples`` images at ``steps`` into ``out`` (of ``kind``, see :data:`KINDS`)
     through the chunk folder ``chunk_dir``; returns the number of chunks sampled by this call (all ranks).
 
     ``progress(done, total)`` counts this process's image steps. Every rank of a process
@@ -123,10 +117,10 @@ def sample_to_file(sampler: Sampler, steps: int, out: Path, kind: str, chunk_dir
     """
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
-    cfg, ranks = sampler.cfg, Ranks.current()
-    settings = {**sampler.identity, "steps": steps, "num_samples": cfg.num_samples, "chunk_size": chunk_size,
+    ranks = Ranks.current()
+    settings = {**sampling.identity(), "steps": steps, "num_samples": num_samples, "chunk_size": chunk_size,
                 "kind": "float32" if kind == "float32" else "uint8"}
-    store = ChunkStore(chunk_dir, settings, cfg.num_samples, chunk_size)
+    store = ChunkStore(chunk_dir, settings, num_samples, chunk_size)
     missing = on_main(store.prepare, ranks)
     done = len(store.ranges) - len(missing)
     if ranks.main and done:
@@ -137,12 +131,12 @@ def sample_to_file(sampler: Sampler, steps: int, out: Path, kind: str, chunk_dir
     finished = 0
     for r in mine:
         report = None if progress is None else (lambda calls, _n, base=finished: progress(base + calls, total))
-        store.save(r, sampler.samples(steps, list(r), report).numpy())
+        store.save(r, sampling.samples(steps, list(r), report).numpy())
         finished += len(r) * steps
     if ranks.world > 1:
         dist.barrier()
     if ranks.main:
-        assemble(store, out, kind, tuple(sampler.model.image_shape))
+        assemble(store, out, kind, tuple(sampling.model.image_shape))
         if not keep_chunks:
             clear_chunks(chunk_dir)
     if ranks.world > 1:

@@ -10,12 +10,11 @@ replaces the param it names. So the pipeline and the CLI share one set of defaul
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from debias import __version__, catalog
-from debias.errors import DebiasError, one_line, reports_errors, user_message
-
+from debias.errors import one_line, one_line_errors
 
 
 class OneLineErrors(TyperGroup):
@@ -97,21 +95,13 @@ def _setup(version: bool = typer.Option(False, "--version", callback=_version, i
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a command so that user errors (:func:`~debias.errors.user_message`: bad input, a
-    refused file operation, memory) become one line and exit code 2 (under torchrun every rank exits
-    so, rank 0 alone prints the line)."""
+    """Decorate a command so that user errors are one line and exit code 2
+    (:func:`~debias.errors.one_line_errors`, as the stage scripts)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return fn(*args, **kwargs)
-        except (DebiasError, OSError, MemoryError, RuntimeError) as err:
-            message = user_message(err)
-            if message is None:
-                raise
-            if reports_errors():
-                typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -133,22 +123,15 @@ def with_flags(section: Any, **flags: Any) -> Any:
     return dataclasses.replace(section, **given) if given else section
 
 
-@contextlib.contextmanager
-def on_devices(devices: str) -> Iterator[tuple]:
-    """Run this command on ``devices``: with several visible GPUs (cuda/auto) relaunch it under torchrun,
-    one process per GPU, then join the process group; yields (ranks, this rank's device)."""
-    from debias.runtime import processes, relaunch_on_all_gpus
-
-    relaunch_on_all_gpus(devices, ["-m", "debias", *sys.argv[1:]])
-    with processes(devices) as (ranks, device):
-        yield ranks, device
+def command_line() -> list[str]:
+    """This command as torchrun relaunches it on every GPU (:func:`debias.runtime.on_devices`)."""
+    return ["-m", "debias", *sys.argv[1:]]
 
 
 def echo_main(ranks, text: str) -> None:
     """Print ``text`` on rank 0 only."""
     if ranks.main:
         typer.echo(text)
-
 
 
 def main() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from debias import catalog
-from debias.cli.app import (DEVICE_HELP, PARAMS_OPTION, SET_OPTION, Solver, app, echo_main, load_params, on_devices,
+from debias.cli.app import (DEVICE_HELP, PARAMS_OPTION, SET_OPTION, Solver, app, command_line, echo_main, load_params,
                             user_errors, with_flags)
 from debias.errors import DebiasError
 
@@ -37,8 +38,9 @@ def fid_command(
     from debias.data import load_dataset
     from debias.images import to_uint8
     from debias.io import write_json
-    from debias.metrics.scores import compute_metrics
+    from debias.jobs.evaluate import score
     from debias.progress import Progress
+    from debias.runtime import on_devices
     from debias.sources import fid_reference, image_source
 
     cfg = load_params(params, set_)
@@ -47,11 +49,9 @@ def fid_command(
                    batch_size=batch_size, device=device)
     gen = image_source(generated, max_images=max_images)
     ref = fid_reference(e, lambda: to_uint8(load_dataset(cfg.data).images), reference, like=gen, max_images=max_images)
-    with on_devices(e.device) as (ranks, this_device):
+    with on_devices(e.device, command_line()) as (ranks, this_device):
         with Progress("Inception features", "images", enabled=ranks.main) as progress:
-            result = compute_metrics(gen, ref, weights=e.inception_weights, metrics=e.metrics,
-                                     kid_subset_size=e.kid_subset_size, pr_k=e.pr_k, batch_size=e.batch_size,
-                                     device=str(this_device), progress=progress)
+            result = score(e, gen, ref, this_device, progress)
     if not ranks.main:
         return
     if out is not None:
@@ -88,35 +88,25 @@ def analyze_command(
     params of params.yaml (plus -S), replaced by these options."""
     import torch
 
-    from debias.analysis import channel_means, write_bias_analysis, write_color_analysis
     from debias.data import load_dataset
-    from debias.images import ImageArray, from_uint8, to_uint8
+    from debias.images import ImageArray, to_uint8
+    from debias.jobs.analyze import AnalysisFiles, analyze
     from debias.models.factory import load_model
-    from debias.progress import Progress
-    from debias.runtime import prepare_network
+    from debias.runtime import on_devices
     from debias.sources import image_source
 
     cfg = load_params(params, set_)
-    a = with_flags(cfg.analyze, num_images=num_images, timesteps=timesteps, color_solver=solver,
-                   color_steps=steps or None, color_samples=num_samples, seed=seed, device=device)
-    s = with_flags(cfg.sample, batch_size=batch_size, ema=ema)
-    model = load_model(checkpoint, ema=s.ema)
-    images = to_uint8(load_dataset(cfg.data).images) if data is None else image_source(data, shape=model.image_shape[:2])
+    cfg = dataclasses.replace(cfg, analyze=with_flags(cfg.analyze, num_images=num_images, timesteps=timesteps,
+                                                      color_solver=solver, color_steps=steps or None,
+                                                      color_samples=num_samples, seed=seed, device=device),
+                              sample=with_flags(cfg.sample, batch_size=batch_size, ema=ema))
+    shape = load_model(checkpoint, ema=cfg.sample.ema).image_shape
+    images = to_uint8(load_dataset(cfg.data).images) if data is None else image_source(data, shape=shape[:2])
     if not isinstance(images, (torch.Tensor, ImageArray)):
         raise DebiasError("--data must be images, not precomputed features")
-    if tuple(images.shape[1:] if isinstance(images, torch.Tensor) else images.image_shape) != tuple(model.image_shape):
-        raise DebiasError(f"the images are {tuple(images.shape[1:])}, the model's are {tuple(model.image_shape)}; "
+    if tuple(images.shape[1:] if isinstance(images, torch.Tensor) else images.image_shape) != tuple(shape):
+        raise DebiasError(f"the images are {tuple(images.shape[1:])}, the model's are {tuple(shape)}; "
                           "give --data of the model's shape")
-    images = images[:]
-    with on_devices(a.device) as (ranks, this_device):
-        model.network = prepare_network(model.network, this_device)
-        with Progress("x0 bias", "timesteps", enabled=ranks.main) as progress:
-            write_bias_analysis(model, from_uint8(images[:a.num_images]), None, timesteps=a.timesteps, seed=a.seed,
-                                batch_size=s.batch_size, tsv=out_dir / "x0_bias.tsv", png=out_dir / "x0_bias.png",
-                                device=this_device, progress=progress)
-        color = with_flags(s, steps=a.color_steps, num_samples=a.color_samples, seed=a.seed)
-        with Progress(f"colour shift ({a.color_solver})", "image steps", enabled=ranks.main) as progress:
-            write_color_analysis(checkpoint, channel_means(images), a.color_solver, color,
-                                 tsv=out_dir / "color_shift.tsv", png=out_dir / "color_shift.png",
-                                 grid_png=out_dir / "color_grid.png", device=str(this_device), progress=progress)
+    with on_devices(cfg.analyze.device, command_line()) as (ranks, this_device):
+        analyze(cfg, checkpoint, images[:], None, AnalysisFiles(out_dir, out_dir), ranks=ranks, device=this_device)
         echo_main(ranks, f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from debias.cli.app import (DEVICE_HELP, PARAMS_OPTION, SET_OPTION, Arithmetic, Precision, Preset, Solver, Spacing,
-                            Variant, app, load_params, on_devices, user_errors, with_flags)
+                            Variant, app, command_line, echo_main, load_params, user_errors, with_flags)
 from debias.errors import DebiasError
 
 FROM_PARAMS = "default: params"
@@ -53,38 +54,31 @@ def sample_command(
     output, removed when done): a killed run resumes where it stopped. With --device auto/cuda it uses
     every visible GPU (through torchrun)."""
     from debias.images import read_noise
-    from debias.posthoc import sampling_checkpoint
-    from debias.progress import Progress
-    from debias.runtime import autocast_dtype
-    from debias.sampling import prepare_sampler
-    from debias.streaming import remove_chunks, sample_to_file
+    from debias.jobs.sample import sample_images
+    from debias.runtime import on_devices
 
     path, kind = output_for(out, out_dir, format, float32)
-    cfg = load_params(params, set_).sample
+    cfg = load_params(params, set_)
     noise = read_noise(init_noise) if init_noise is not None else None
     if noise is not None and num_samples is not None and num_samples > len(noise):
         raise DebiasError(f"--init-noise {init_noise} has {len(noise)} rows, fewer than -n {num_samples}")
-    count = num_samples if num_samples is not None else len(noise) if noise is not None else cfg.num_samples
-    solver = solver or cfg.solvers[0]
-    cfg = with_flags(cfg, steps=None if steps is None else [steps], num_samples=count, seed=seed, batch_size=batch_size,
-                     preset=preset, ema=ema, ema_std=ema_std, precision=precision, compile=compile, device=device, chunk_size=chunk_size)
+    count = num_samples if num_samples is not None else len(noise) if noise is not None else cfg.sample.num_samples
+    solver = solver or cfg.sample.solvers[0]
+    s = with_flags(cfg.sample, steps=None if steps is None else [steps], num_samples=count, seed=seed,
+                   batch_size=batch_size, preset=preset, ema=ema, ema_std=ema_std, precision=precision, compile=compile,
+                   device=device, chunk_size=chunk_size)
     # the settings a preset fixes: a flag replaces the preset's value, which replaces the param's
     overrides = {k: v for k, v in dict(eta=eta, order=order, variant=variant, lower_order_final=lower_order_final,
                                        spacing=spacing, denoise_to_zero=denoise_to_zero, arithmetic=arithmetic,
                                        clip_x0=clip).items() if v is not None}
     if overrides.get("spacing") == "auto":
         overrides["spacing"] = None
-    steps = cfg.steps[0]
-    with on_devices(cfg.device) as (ranks, this_device), sampling_checkpoint(checkpoint, cfg.ema_std) as model:
-        autocast_dtype(cfg.precision, this_device)
-        sampler = prepare_sampler(model, solver, cfg, class_labels=class_label, init_noise=noise,
-                                  float32=float32, device=str(this_device), **overrides)
-        chunks = path.parent / f".{path.name}.chunks"
-        with Progress(f"{solver} {steps} steps", "image steps", enabled=ranks.main) as progress:
-            sample_to_file(sampler, steps, path, kind, chunks, cfg.chunk_size, progress)
-        if ranks.main:
-            remove_chunks(chunks)
-            typer.echo(f"{path}: {count} samples ({solver}, {steps} steps, seed {cfg.seed})")
+    steps = s.steps[0]
+    with on_devices(s.device, command_line()) as (ranks, this_device):
+        sample_images(dataclasses.replace(cfg, sample=s), solver, checkpoint, {steps: path},
+                      {steps: path.parent / f".{path.name}.chunks"}, ranks=ranks, device=this_device, kind=kind,
+                      overrides=overrides, class_labels=class_label, init_noise=noise, float32=float32)
+        echo_main(ranks, f"{path}: {count} samples ({solver}, {steps} steps, seed {s.seed})")
 
 
 def output_for(out: Path | None, out_dir: Path | None, format: str = "debias", float32: bool = False) -> tuple[Path, str]:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from debias.cli.app import PARAMS_OPTION, SET_OPTION, Target, Weighting, app, load_params, user_errors
+from debias.cli.app import PARAMS_OPTION, SET_OPTION, Target, Weighting, app, command_line, load_params, user_errors
 from debias.errors import DebiasError
 
 RUNS = Path("runs")  # where `debias train` puts a run without --out (ignored by git and DVC)
@@ -54,18 +54,14 @@ def train_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[st
 
     The folder holds checkpoint.pt, snapshots/, train_log.tsv, timestep_loss.tsv and dvclive/. With train.devices cuda/auto it uses every visible GPU (DDP through
     torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
-    import sys
-
-    from debias.runtime import relaunch_on_all_gpus
-    from debias.train.loop import train
+    from debias.jobs.train import train_recipe
     from debias.train.rundir import run_key
 
     sets = [*(set_ or []), *([f"weighting={weighting}"] if weighting else []), *([f"target={target}"] if target else [])]
     cfg = load_params(params, sets)
     out = out if out is not None else RUNS / run_key(cfg)
     check_not_tracked(out)
-    relaunch_on_all_gpus(cfg.train.devices, ["-m", "debias", *sys.argv[1:]])
-    result = train(cfg, out, resume=resume, progress=progress)
+    result = train_recipe(cfg, out, command_line(), resume=resume, progress=progress)
     if result.is_main_process:
         loss = f", last logged loss {result.loss:.4g}" if result.loss is not None else ""
         done = "already finished" if result.step == result.start_step else f"trained steps {result.start_step}→{result.step}"
@@ -115,14 +111,14 @@ def info_command() -> None:
     from debias.diffusion.schedule import SCHEDULES
     from debias.diffusion.targets import TARGETS
     from debias.diffusion.weighting import WEIGHTINGS
-    from debias.diffusion.densities import SAMPLERS as TIMESTEP_SAMPLERS
+    from debias.diffusion.densities import DENSITIES
     from debias.catalog import EMAS
-    from debias.samplers import SOLVERS
+    from debias.solvers import SOLVERS
 
     cuda = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
     rows = [("debias", __version__), ("torch", f"{torch.__version__} ({cuda})"),
             ("weightings", ", ".join(WEIGHTINGS)), ("targets", ", ".join(TARGETS)),
             ("schedules", ", ".join(SCHEDULES)), ("solvers", ", ".join(SOLVERS)),
-            ("timesteps", ", ".join(TIMESTEP_SAMPLERS)), ("emas", ", ".join(EMAS) + " (debias phema)")]
+            ("timesteps", ", ".join(DENSITIES)), ("emas", ", ".join(EMAS) + " (debias phema)")]
     for key, value in rows:
         typer.echo(f"{key:<11} {value}")

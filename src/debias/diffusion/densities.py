@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from debias.catalog import TIMESTEP_SAMPLERS, check_registry
+from debias.catalog import TIMESTEP_DENSITIES, check_registry
 from debias.runtime import Ranks, all_gathered
 
 # λ's (loc, scale) when train.timestep_loc / timestep_scale are null
@@ -69,11 +69,11 @@ def log_snr_pmf(name: str, log_snr: Tensor, loc: float | None = None, scale: flo
     return mass / mass.sum()
 
 
-class TimestepSampler:
+class TimestepDensity:
     """Draws the timesteps of a training batch and the factor 1/(T p(t)) of eq. (1).
 
     ``pmf()`` is p (T,) float64 at this moment; ``sample(n, generator)`` draws n timesteps (int64);
-    ``update(t, losses)`` feeds this rank's per-sample losses to an adaptive sampler (all ranks call it);
+    ``update(t, losses)`` feeds this rank's per-sample losses to an adaptive density (all ranks call it);
     ``state()`` / ``load_state()`` carry its history in a checkpoint."""
 
     def __init__(self, name: str, log_snr: Tensor, device: torch.device, ranks: Ranks,
@@ -132,5 +132,5 @@ class TimestepSampler:
             self.counts.copy_(state["counts"])
 
 
-SAMPLERS = ("uniform", *CDFS, "loss_second_moment")
-check_registry(SAMPLERS, TIMESTEP_SAMPLERS, "timestep sampler")
+DENSITIES = ("uniform", *CDFS, "loss_second_moment")
+check_registry(DENSITIES, TIMESTEP_DENSITIES, "timestep density")

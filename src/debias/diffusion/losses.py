@@ -5,7 +5,7 @@
 and with ``weighting: learned`` (:mod:`debias.diffusion.uncertainty`) the weighted term becomes
 w/e^u · mse + u, u the head's learned log-variance at t.
 
-The weight table comes from :func:`debias.diffusion.weighting.loss_weights` (ε-space weight carried
+The weight table comes from :func:`debias.diffusion.weighting.weight_table` (ε-space weight carried
 into the target's space). With learned variance the VB term trains only the variance channels
 ("hybrid" loss, Nichol & Dhariwal 2021 §3.1, L_hybrid = L_simple + λ L_vb with λ = 1 after the
 T/1000 rescaling of guided-diffusion's RESCALED_MSE).

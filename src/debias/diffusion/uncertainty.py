@@ -44,3 +44,20 @@ class UncertaintyHead(nn.Module):
 def fixed_point(weighted_mse: Tensor) -> Tensor:
     """The u that minimises E[w·MSE/e^u + u] at each t: log E[w·MSE | t], from (T,) means E[w·MSE | t]."""
     return weighted_mse.log()
+
+
+class WithUncertainty(nn.Module):
+    """The network and, for ``weighting: learned``, the head u(λ_t): one module, so that DDP averages the
+    head's gradients with the network's. ``forward(x, t, y)`` → (network output, u (B,) float32 or None)."""
+
+    def __init__(self, network: nn.Module, head: UncertaintyHead | None, log_snr: Tensor):
+        super().__init__()
+        self.network, self.head = network, head
+        self.register_buffer("log_snr", log_snr, persistent=False)  # (T,) λ of the chain's timesteps
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        out = self.network(x, t, y)
+        if self.head is None:
+            return out, None
+        with torch.autocast(x.device.type, enabled=False):  # u in float32 whatever the network's precision
+            return out, self.head(self.log_snr[t])

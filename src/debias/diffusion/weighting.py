@@ -21,29 +21,14 @@ w·(1 + SNR)/SNR for v (the same as ``eps`` for an ε-model).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from debias import catalog
 from debias.catalog import check_registry
+from debias.config import WeightingParams
 from debias.diffusion.targets import check_target
-
-
-@dataclass(frozen=True)
-class WeightingParams:
-    """Hyper-parameters of the weightings (params.yaml section ``loss``)."""
-
-    p2_gamma: float = 1.0        # γ of P2
-    p2_k: float = 1.0            # k of P2
-    min_snr_gamma: float = 5.0   # γ of Min-SNR
-    sigmoid_bias: float = 0.0    # b of the sigmoid weighting (tune per dataset)
-    edm_sigma_data: float = 0.5  # σ_data of EDM
-    normalize: bool = False      # rescale the applied weight to mean 1 over t
-    weight_space: str = "eps"    # eps: w on the ε-MSE (carried into the target's space) | target: w on the target's MSE
-    importance_correction: bool = False  # × 1/(T p(t)) for train.timestep_sampler's p: the uniform objective
-    learned_base: str = "constant"  # weighting: learned — the weighting w that the learned e^{-u(t)} multiplies
 
 
 def constant(snr: Tensor, p: WeightingParams) -> Tensor:
@@ -142,7 +127,7 @@ def target_weight(name: str, snr: Tensor, target: str, params: WeightingParams =
     return w * snr / (1.0 + snr)
 
 
-def loss_weights(name: str, snr: Tensor, target: str, params: WeightingParams = WeightingParams()) -> Tensor:
+def weight_table(name: str, snr: Tensor, target: str, params: WeightingParams = WeightingParams()) -> Tensor:
     """Per-timestep weight table (T,) for training, float64.
 
     With ``params.normalize`` the applied weight is divided by its mean over the uniformly sampled

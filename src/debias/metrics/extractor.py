@@ -29,7 +29,6 @@ STEM = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_
 BLOCKS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
           "Mixed_7a", "Mixed_7b", "Mixed_7c")
 LAYERS = ("2048", "logits_unbiased")  # the torch-fidelity outputs this forward pass provides
-BATCH_SIZE = 16  # images per call: batches of 8-16 run fastest on a CPU, 1.2x over 64 (benchmarks/BENCHMARKS.md)
 
 
 def resize_weights(size_in: int, size_out: int = INPUT_SIZE) -> Tensor:

@@ -21,7 +21,8 @@ from torch import Tensor
 from debias.errors import DebiasError
 from debias.images import ImageArray, checked_images
 from debias.io import atomic_write
-from debias.metrics.extractor import BATCH_SIZE, exact_float32
+from debias.catalog import INCEPTION_BATCH_SIZE
+from debias.metrics.extractor import exact_float32
 from debias.metrics.inception import LAYER_DIMS, InceptionWeights, extractor
 from debias.npz import members
 from debias.progress import Report
@@ -83,7 +84,7 @@ def extract(
 def extract_features(
     images: Tensor,
     weights: InceptionWeights,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = INCEPTION_BATCH_SIZE,
     device: str = "cpu",
     progress: Report | None = None,
 ) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 from debias.catalog import METRICS
 from debias.errors import DebiasError
 from debias.images import ImageArray, ImageSource, load_images
-from debias.metrics.extractor import BATCH_SIZE
+from debias.catalog import INCEPTION_BATCH_SIZE
 from debias.metrics.features import Features, FeatureStats, extract
 from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, SPATIAL_DIM, InceptionWeights, resolve_inception_weights
 from debias.progress import Report
@@ -147,7 +147,7 @@ def compute_metrics(
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     pr_k: int = 3,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = INCEPTION_BATCH_SIZE,
     device: str = "cpu",
     seed: int = 0,
     progress: Report | None = None,

@@ -25,19 +25,18 @@ from torch import Tensor, nn
 from debias.checkpoints import Checkpoint, save_checkpoint
 from debias.config import Config
 from debias.data import ImageDataset, load_dataset
-from debias.diffusion.densities import TimestepSampler
-from debias.diffusion.losses import diffusion_loss
+from debias.diffusion.densities import TimestepDensity
+from debias.diffusion.objective import Objective, recipe_weight_table
 from debias.diffusion.schedule import Schedule
-from debias.diffusion.uncertainty import UncertaintyHead
-from debias.diffusion.weighting import loss_weights
+from debias.diffusion.uncertainty import UncertaintyHead, WithUncertainty
 from debias.errors import DebiasError, one_line
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.progress import Progress
-from debias.runtime import Ranks, all_reduced, autocast_dtype, compile_static, on_main, prepare_network, processes
+from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
-from debias.train.state import EMA, EpochSampler, cpu_state, ema_decays, make_generators
+from debias.train.state import EMA, DataOrder, cpu_state, ema_decays, make_generators
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,12 @@ class TrainResult:
 
 
 class Trainer:
-    """The state of one run: model, optimizer, EMA, generators and logs, plus one :meth:`step`."""
+    """The state of one run: model, optimizer, EMA, generators and logs around the objective, plus one
+    :meth:`step`."""
 
     def __init__(self, cfg: Config, dataset: ImageDataset, unet_kwargs: dict, device: torch.device, ranks: Ranks,
-                 log_dir: Path):
-        self.cfg, self.device, self.ranks, self.unet_kwargs = cfg, device, ranks, unet_kwargs
+                 logs: MetricLogs):
+        self.cfg, self.device, self.ranks, self.unet_kwargs, self.logs = cfg, device, ranks, unet_kwargs, logs
         tc = cfg.train
         if tc.batch_size % ranks.world:
             raise DebiasError(f"train.batch_size={tc.batch_size} is not divisible by the {ranks.world} processes")
@@ -68,88 +68,77 @@ class Trainer:
         data_device = device if small else torch.device("cpu")
         self.images = dataset.images.to(data_device)
         self.labels = dataset.labels.to(data_device) if cfg.data.class_cond else None
-        self.sampler = EpochSampler(len(dataset), tc.batch_size, cfg.seed, data_device)
+        self.order = DataOrder(len(dataset), tc.batch_size, cfg.seed, data_device)
 
         torch.manual_seed(cfg.seed)
         self.model = prepare_network(UNetModel(**unet_kwargs), device)
-        # weighting: learned — EDM2's u(λ), trained with the network (its gradients averaged over ranks by hand)
-        self.uncertainty = UncertaintyHead().to(device) if cfg.weighting == "learned" else None
-        self.params = list(self.model.parameters()) + list(self.uncertainty.parameters() if self.uncertainty else ())
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay,
+        # weighting: learned — EDM2's u(λ), inside the module that DDP wraps (its gradients averaged with the rest)
+        head = UncertaintyHead().to(device) if cfg.weighting == "learned" else None
+        self.schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).to(device)
+        self.log_snr = self.schedule.snr.log().to(device)
+        self.network = WithUncertainty(self.model, head, self.log_snr)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                            **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
         self.autocast_dtype = autocast_dtype(tc.precision, device, fallback=True)
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
         self.ema = EMA(self.model, ema_decays(tc.ema, tc.ema_rates, tc.ema_warmup, tc.phema_std))
         self.generators = make_generators(cfg.seed, device)
-
-        self.schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).to(device)
-        self.weights = loss_weights(cfg.weighting, self.schedule.snr, cfg.target, cfg.loss).to(device)
-        self.log_snr = self.schedule.snr.log().to(device)
-        self.timesteps = TimestepSampler(tc.timestep_sampler, self.log_snr, device, ranks,
-                                         tc.timestep_loc, tc.timestep_scale)
-        self.logs = MetricLogs(log_dir, self.schedule.num_timesteps, device, ranks, self.weights)
+        self.density = TimestepDensity(tc.timestep_sampler, self.log_snr, device, ranks, tc.timestep_loc,
+                                       tc.timestep_scale)
+        self.objective = Objective(cfg, self.schedule, self.density, self.micro)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)    # on-device copy of the step
-        self.forward = self._wrap_model()
+        self.forward = self._wrap_network()
 
-    def _wrap_model(self) -> Callable:
-        model: nn.Module = self.model
-        if self.ranks.world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return compile_static(model) if self.cfg.train.compile else model
+    def _wrap_network(self) -> Callable:
+        """``forward(x_t, t, y)`` → (output, u): the (DDP-wrapped, compiled) network, channels-last on CUDA,
+        under the run's autocast."""
+        network: nn.Module = self.network
+        if self.ranks.world > 1:  # broadcast_buffers: log_snr and the head's features are the same on every rank
+            network = nn.parallel.DistributedDataParallel(
+                network, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
+        network = compile_static(network) if self.cfg.train.compile else network
+        device_type, dtype = self.device.type, self.autocast_dtype
+
+        def forward(xt: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            if device_type == "cuda":
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                return network(xt, t, y)
+
+        return forward
 
     def lr_at(self, k: int) -> float:
         """Linear warm-up over ``train.warmup_steps`` updates, then constant."""
         tc = self.cfg.train
         return tc.lr * min(1.0, (k + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
 
-    def _batch(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """This rank's slice of global batch k: x0, noise (b, C, H, W), t (b,), labels (b,) or None."""
-        B = self.cfg.train.batch_size
-        idx = self.sampler.batch(k)[self.micro]
+    def batch(self, k: int) -> tuple[Tensor, Tensor | None]:
+        """This rank's slice of global batch k: x0 (b, C, H, W), randomly flipped if asked, and labels (b,) or None."""
+        idx = self.order.batch(k)[self.micro]
         x0 = self.images[idx].to(self.device, non_blocking=True)
         if self.cfg.data.random_flip:
+            B = self.cfg.train.batch_size
             flip = torch.rand(B, generator=self.generators["flip"], device=self.device)[self.micro] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        t = self.timesteps.sample(B, self.generators["timesteps"])[self.micro]
-        noise = torch.randn((B, *x0.shape[1:]), generator=self.generators["noise"], device=self.device)[self.micro]
         y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
-        return x0, noise, t, y
+        return x0, y
 
     def step(self, k: int) -> None:
         """Update k (0-based): one optimizer step on global batch k, then the EMAs. No host syncs."""
         lr = self.lr_at(k)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x0, noise, t, y = self._batch(k)
-        xt = self.schedule.q_sample(x0, t, noise)
-        if self.device.type == "cuda":
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.forward(xt, t, y)
-        weights = self.weights
-        if self.cfg.loss.importance_correction:  # E_p[w/(T p) L] = the uniform objective (densities.py, eq. 1)
-            correction = self.timesteps.correction()
-            weights = weights * correction
-        u = self.uncertainty(self.log_snr[t]) if self.uncertainty is not None else None
-        terms = diffusion_loss(self.schedule, out.float(), x0, noise, t, self.cfg.target, weights,
-                               self.cfg.model.learn_sigma, u)
+        x0, y = self.batch(k)
+        terms, t = self.objective(self.forward, x0, y, self.generators)
         loss = terms.loss.mean()
-        if self.timesteps.adaptive:  # loss_second_moment learns from the loss without its correction
-            seen = terms.loss.detach() / correction[t] if self.cfg.loss.importance_correction else terms.loss.detach()
-            self.timesteps.update(t, seen)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.uncertainty is not None and self.ranks.world > 1:  # the head is outside DDP: average it in one call
-            grads = [p.grad for p in self.uncertainty.parameters()]
-            mean = all_reduced(torch.cat([g.flatten() for g in grads]).div_(self.ranks.world), self.ranks)
-            for grad, part in zip(grads, mean.split([g.numel() for g in grads])):
-                grad.copy_(part.view_as(grad))
-        grad_norm = nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf, foreach=True)
+        grad_norm = nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip or math.inf,
+                                             foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -166,7 +155,8 @@ class Trainer:
     @torch.no_grad()
     def learned_u(self) -> Tensor | None:
         """u(t) (T,) of the uncertainty head on the CPU (None for a fixed weighting)."""
-        return None if self.uncertainty is None else self.uncertainty(self.log_snr).cpu()
+        head = self.network.head
+        return None if head is None else head(self.log_snr).cpu()
 
     def first_bad_step(self) -> int | None:
         """The first step with a non-finite loss on any rank, or None (a host sync)."""
@@ -192,15 +182,15 @@ class Trainer:
         optimizer, RNG and log state needed to resume."""
         ckpt = Checkpoint(config=self.cfg.to_dict(), unet_kwargs=self.unet_kwargs, model=cpu_state(self.model),
                           ema=self.ema.state_dicts(self.model), step=step)
-        if self.uncertainty is not None:
-            ckpt.extra["uncertainty"] = cpu_state(self.uncertainty)
+        if self.network.head is not None:
+            ckpt.extra["uncertainty"] = cpu_state(self.network.head)
         if log_state is not None:
-            epoch, position = self.sampler.position(step)
+            epoch, position = self.order.position(step)
             ckpt.optimizer = self.optimizer.state_dict()
             ckpt.scaler = self.scaler.state_dict() if self.scaler is not None else None
             ckpt.rng = self.rng_state()
-            ckpt.extra |= {"logs": log_state, "dataset_size": self.sampler.size, "epoch": epoch, "position": position,
-                          "timesteps": self.timesteps.state()}
+            ckpt.extra |= {"logs": log_state, "dataset_size": self.order.size, "epoch": epoch, "position": position,
+                          "timesteps": self.density.state()}
         return ckpt
 
     def profiles(self, step: int) -> Checkpoint:
@@ -213,8 +203,8 @@ class Trainer:
         """Continue from ``ckpt`` (read from ``source``): a part that does not fit is one line naming it."""
         restore_part(source, "model", lambda: self.model.load_state_dict(ckpt.model))
         restore_part(source, "ema", lambda: self.ema.load(ckpt.ema))
-        if self.uncertainty is not None:
-            restore_part(source, "uncertainty", lambda: self.uncertainty.load_state_dict(ckpt.extra["uncertainty"]))
+        if self.network.head is not None:
+            restore_part(source, "uncertainty", lambda: self.network.head.load_state_dict(ckpt.extra["uncertainty"]))
         restore_part(source, "optimizer", lambda: self.optimizer.load_state_dict(ckpt.optimizer))
         if self.scaler is not None and ckpt.scaler:
             restore_part(source, "scaler", lambda: self.scaler.load_state_dict(ckpt.scaler))
@@ -228,7 +218,7 @@ class Trainer:
 
         restore_part(source, "rng", rng)
         restore_part(source, "logs", lambda: self.logs.load_state(ckpt.extra["logs"]))
-        restore_part(source, "timesteps", lambda: self.timesteps.load_state(ckpt.extra.get("timesteps") or {}))
+        restore_part(source, "timesteps", lambda: self.density.load_state(ckpt.extra.get("timesteps") or {}))
         self.step_count.fill_(ckpt.step)
 
     # ---- the loop
@@ -278,6 +268,12 @@ class Trainer:
             raise DebiasError(f"non-finite loss at step {bad}; {kept}")
 
 
+def run_logs(cfg: Config, log_dir: Path, device: torch.device, ranks: Ranks) -> MetricLogs:
+    """The logs of a run of ``cfg`` (:class:`~debias.train.logs.MetricLogs`), with the recipe's weight table."""
+    schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps)
+    return MetricLogs(log_dir, cfg.diffusion.steps, device, ranks, recipe_weight_table(cfg, schedule))
+
+
 def restore_part(source: Path, part: str, restore: Callable[[], object]) -> None:
     """Run ``restore()``; the errors of a part of a checkpoint that does not fit (a wrong type, a
     missing key, a tensor of another shape) become one DebiasError line naming ``part``."""
@@ -312,10 +308,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
             if ckpt is not None and ranks.main:
                 log.info("note: %s: %s at step %d of %d", run.checkpoint,
                          "already trained" if start == cfg.train.steps else "resuming", start, cfg.train.steps)
+            logs = run_logs(cfg, run.log_dir, device, ranks)
             if ckpt is not None and start == cfg.train.steps:
-                weights = loss_weights(cfg.weighting, Schedule.named(cfg.diffusion.schedule, cfg.diffusion.steps).snr,
-                                       cfg.target, cfg.loss)
-                logs = MetricLogs(run.log_dir, cfg.diffusion.steps, torch.device("cpu"), ranks, weights)
                 saved = ckpt.extra.get("logs")
                 restore_part(run.checkpoint, "logs", lambda: logs.load_state(saved))
                 if ranks.main:  # the logs of this recipe, whatever another recipe left in log_dir
@@ -323,7 +317,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
                     logs.start()
                 return TrainResult(run.checkpoint, start, start, logs.last_loss, time.perf_counter() - began,
                                    ranks.main)
-            trainer = Trainer(cfg, dataset, unet_kwargs, device, ranks, run.log_dir)
+            trainer = Trainer(cfg, dataset, unet_kwargs, device, ranks, logs)
             if ckpt is not None:
                 trainer.restore(ckpt, run.checkpoint)
             del ckpt

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from debias import posthoc
 from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from debias.config import Config
 from debias.errors import DebiasError
 from debias.io import atomic_write
+from debias.phema import PHEMA_DIR
 from debias.runtime import Ranks, on_main
 from debias.schema import flatten
 from debias.train.logs import TIMESTEP_LOG, TRAIN_LOG
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
-PHEMA_DIR = posthoc.SNAPSHOT_DIR
 # training-config keys that may change between a checkpoint and its resumption without changing the result
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_steps", "train.log_every",
                      "train.devices", "train.num_workers", "train.compile", "data.path", "data.on_error"}

@@ -29,12 +29,12 @@ def make_generators(seed: int, device: torch.device) -> dict[str, torch.Generato
     return {name: torch.Generator(device).manual_seed(stream_seed(seed, k)) for name, k in STREAMS.items()}
 
 
-class EpochSampler:
+class DataOrder:
     """Global batches of dataset indices.
 
     Step k takes positions k·B … k·B + B − 1 of the endless concatenation of per-epoch permutations;
     epoch e's permutation comes from a generator seeded by (seed, e). The order therefore depends
-    only on (seed, step), which makes resuming exact without any sampler state.
+    only on (seed, step), which makes resuming exact without any state of its own.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, device: torch.device):
@@ -53,7 +53,7 @@ class EpochSampler:
         return divmod(step * self.batch_size, self.size)
 
     def batch(self, step: int) -> Tensor:
-        """Indices (B,) int64 of step ``step`` (0-based), on the sampler's device."""
+        """Indices (B,) int64 of step ``step`` (0-based), on the order's device."""
         start, parts, left = step * self.batch_size, [], self.batch_size
         while left:
             epoch, offset = divmod(start, self.size)

@@ -2,7 +2,7 @@
 
 Spacings (where the points lie):
 
-- discrete, :mod:`debias.samplers.timesteps`: ``even``, ``ddim``, ``linspace``, ``leading``,
+- discrete, :mod:`debias.solvers.timesteps`: ``even``, ``ddim``, ``linspace``, ``leading``,
   ``trailing`` — original integer timesteps of the chain;
 - continuous, DPM-Solver's ``skip_type``: ``time_uniform``, ``logSNR``, ``time_quadratic`` — points
   of the continuous time t ∈ [1/T, 1] of the discrete chain (step k sits at t = (k + 1)/T), spread
@@ -33,7 +33,7 @@ from torch import Tensor
 from debias.diffusion.schedule import Schedule
 from debias.errors import DebiasError
 from debias.catalog import CONTINUOUS_SPACINGS, SPACINGS
-from debias.samplers.timesteps import select_timesteps
+from debias.solvers.timesteps import select_timesteps
 TABLES = {"float64": torch.float64, "float32": torch.float32}
 
 

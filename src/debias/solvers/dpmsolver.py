@@ -38,23 +38,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from debias.samplers.denoiser import Denoiser, Prediction
-from debias.samplers.grid import Grid
-from debias.samplers.noise import SampleNoise
-
-
-def predict_at(denoiser: Denoiser, x: Tensor, grid: Grid, i: int) -> Prediction:
-    """The denoiser's predictions at x (B, C, H, W) on point i of ``grid``."""
-    return denoiser(x, grid.model_timesteps(i, x), grid.alpha[i], grid.sigma[i])
-
-
-def step_order(order: int, i: int, n: int, lower_final: bool) -> int:
-    """Order of step i of n: warm-up (≤ i + 1) and, with ``lower_final``, lower final steps (≤ n − i)."""
-    return min(order, i + 1, n - i) if lower_final else min(order, i + 1)
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.grid import Grid
+from debias.solvers.multistep import predict_at, step_order
+from debias.solvers.noise import SampleNoise
 
 
 @torch.inference_mode()
-def dpm_solver(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
+def dpm_solver(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None,
                progress: Callable[[int, int], None] | None = None, *, order: int, lower_order_final: int,
                algorithm: str) -> Tensor:
     """Multistep DPM-Solver(++) from x_T (B, C, H, W) through the points of ``grid`` (one network call

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from debias.diffusion.schedule import Schedule
-from debias.samplers.denoiser import Denoiser
-from debias.samplers.grid import Grid
-from debias.samplers.noise import SampleNoise
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.grid import Grid
+from debias.solvers.noise import SampleNoise
 
 
 def ddim_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor, eta: float = 0.0,
@@ -45,7 +45,7 @@ def ddim_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor, eta: fl
 
 
 @torch.inference_mode()
-def ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
+def ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None,
          progress: Callable[[int, int], None] | None = None, *, eta: float) -> Tensor:
     """DDIM sampling from x_T (B, C, H, W) through the points of ``grid`` (on its chain: the last step
     goes to ᾱ = 1 when the grid ends at σ = 0); returns the samples (B, C, H, W).

@@ -29,13 +29,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from debias.catalog import UNIPC_VARIANTS
-from debias.samplers.denoiser import Denoiser
-from debias.samplers.dpm_solver import predict_at, step_order
-from debias.samplers.grid import Grid
-from debias.samplers.noise import SampleNoise
-
-VARIANTS = UNIPC_VARIANTS
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.grid import Grid
+from debias.solvers.multistep import predict_at, step_order
+from debias.solvers.noise import SampleNoise
 
 
 def uni_bh_update(x_s: Tensor, outputs: list[Tensor], lams: list[float], lam_t: float, alpha_t: float,
@@ -72,7 +69,7 @@ def uni_bh_update(x_s: Tensor, outputs: list[Tensor], lams: list[float], lam_t: 
 
 
 @torch.inference_mode()
-def unipc(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
+def unipc(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None,
           progress: Callable[[int, int], None] | None = None, *, order: int, variant: str) -> Tensor:
     """UniPC from x_T (B, C, H, W) through the points of ``grid`` (one network call each but the end);
     returns the samples (B, C, H, W).

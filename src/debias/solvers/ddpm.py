@@ -15,9 +15,9 @@ from torch import Tensor
 
 from debias.diffusion.reverse import ReverseStep, reverse_step
 from debias.diffusion.schedule import Schedule
-from debias.samplers.denoiser import Denoiser
-from debias.samplers.grid import Grid
-from debias.samplers.noise import SampleNoise
+from debias.solvers.denoiser import Denoiser
+from debias.solvers.grid import Grid
+from debias.solvers.noise import SampleNoise
 
 
 def ddpm_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor,
@@ -38,7 +38,7 @@ def ddpm_step(denoiser: Denoiser, chain: Schedule, x: Tensor, t: Tensor,
 
 
 @torch.inference_mode()
-def ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise | None = None,
+def ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, noise: SampleNoise,
          progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Ancestral sampling from x_T (B, C, H, W) through the points of ``grid`` (on its chain; a grid that
     ends at σ = 0 ends with the mean of the last step); returns the samples (B, C, H, W). ``noise`` gives
