@@ -37,7 +37,7 @@ from baseline_unet import UpstreamTrainer, make_baseline
 from common import CONFIGS, add_common_args, config_for, config_names, forward_flops, peak_memory_mib, \
     reset_peak_memory, run_configs, speedup_row, start, sync
 from debias.config import Config
-from debias.data import ImageDataset
+from debias.data.datasets import ImageDataset
 from debias.models.factory import unet_kwargs_for
 from debias.runtime import Ranks
 from debias.train.loop import Trainer, run_logs

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from debias.cli import app
 from debias.config import DataConfig
-from debias.data import center_crop_arr, find_images, load_dataset
+from debias.data.datasets import center_crop_arr, find_images, load_dataset
 from debias.errors import DebiasError
 
 

@@ -12,9 +12,15 @@ from debias.cli import app
 from debias.config import ConfigError, config_from_dict
 from debias.errors import DebiasError
 from debias.posthoc import reconstruct, snapshot_files
-from debias.train.loop import train
+from debias.data.datasets import load_dataset
+from debias.train.loop import train as train_on
 from debias.train.rundir import CHECKPOINT
 from debias.train.state import EMA, ema_decays
+
+
+def train(cfg, out_dir, **kwargs):
+    """The training loop on the config's own dataset."""
+    return train_on(cfg, out_dir, load_dataset(cfg.data), **kwargs)
 
 SMALL = {"model": {"model_channels": 32, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": []},
          "data": {"max_images": 64},

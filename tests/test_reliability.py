@@ -40,7 +40,7 @@ import debias.train.loop as loop
 from debias.checkpoints import FORMAT, FORMAT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
 from debias.cli import app
 from debias.config import config_from_dict
-from debias.data import load_dataset
+from debias.data.datasets import load_dataset
 from debias.errors import DebiasError
 from debias.images import load_images, read_npz, save_npz, save_png_grid
 from debias.metrics.features import load_features, save_features
@@ -48,8 +48,13 @@ from debias.metrics.inception import resolve_inception_weights
 from debias.models.factory import model_from_checkpoint, unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.runtime import Ranks, autocast_dtype
-from debias.train.loop import Trainer, run_logs, train
+from debias.train.loop import Trainer, run_logs, train as train_on
 from debias.train.rundir import CHECKPOINT, RunDir
+
+
+def train(cfg, out_dir, **kwargs):
+    """The training loop on the config's own dataset."""
+    return train_on(cfg, out_dir, load_dataset(cfg.data), **kwargs)
 
 # a micro recipe: 32 digits, a one-level UNet without attention, T = 50, four steps of training
 MICRO = ["data.max_images=32", "model.channel_mult=[1]", "model.attention_resolutions=[]", "diffusion.steps=50",
@@ -567,7 +572,7 @@ HOSTILE_RUNNER = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
     from debias.config import DataConfig
-    from debias.data import load_dataset
+    from debias.data.datasets import load_dataset
     from debias.errors import DebiasError
 
     root, bad = Path(sys.argv[1]), json.loads(sys.argv[2])

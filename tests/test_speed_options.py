@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from debias.config import config_from_dict
-from debias.data import ImageDataset
+from debias.data.datasets import ImageDataset
 from debias.diffusion.schedule import Schedule
 from debias.models.factory import DiffusionModel, unet_kwargs_for
 from debias.models.layers import qkv_attention

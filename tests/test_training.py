@@ -19,9 +19,15 @@ from debias.diffusion.weighting import weight_table
 from debias.config import config_from_dict
 from debias.errors import DebiasError
 from debias.train.logs import LIVE_DIR, TIMESTEP_LOG, TRAIN_LOG
-from debias.train.loop import train
+from debias.data.datasets import load_dataset
+from debias.train.loop import train as train_on
 from debias.train.rundir import CHECKPOINT, export_model
-from debias.train.state import DataOrder
+from debias.data.order import DataOrder
+
+
+def train(cfg, out_dir, **kwargs):
+    """The training loop on the config's own dataset."""
+    return train_on(cfg, out_dir, load_dataset(cfg.data), **kwargs)
 
 # a tiny UNet and a short run; dropout, flips and labels so that every random stream is exercised
 TINY = {

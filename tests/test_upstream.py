@@ -203,7 +203,7 @@ def weights():
 
 
 def digits_uint8(n: int, seed: int = 0) -> torch.Tensor:
-    from debias.data import load_dataset
+    from debias.data.datasets import load_dataset
     from debias.images import to_uint8
     from debias.config import DataConfig
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from debias.config import SampleConfig
 from debias.errors import DebiasError
 from debias.figures import plot_lines, save_sample_rows
+from debias.images import ImageArray
 from debias.io import write_tsv
 from debias.metrics.features import Features, FeatureStats
 from debias.metrics.scores import compute_metrics
@@ -89,8 +90,13 @@ def x0_bias_per_timestep(model: DiffusionModel, images: Tensor, timesteps: Seque
     return rows
 
 
-def channel_means(images: Tensor) -> Tensor:
-    """Per-channel mean of uint8 (N, C, H, W) or float images, as float64 (C,) in [0, 1] for uint8."""
+def channel_means(images: Tensor | ImageArray) -> Tensor:
+    """Per-channel mean of uint8 (N, C, H, W) images — a tensor, or an :class:`~debias.images.ImageArray` read
+    block by block — or of float images, as float64 (C,), in [0, 1] for uint8. (Sums of uint8 values are exact
+    in float64, so the blocks give exactly the mean of the whole.)"""
+    if isinstance(images, ImageArray):
+        sums = sum(block.sum(dim=(0, 2, 3), dtype=torch.float64) for block in images.blocks())
+        return sums / (len(images) * images.image_shape[1] * images.image_shape[2]) / 255.0
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     return images.double().mean(dim=(0, 2, 3)) / scale
 

@@ -6,7 +6,7 @@ params file without importing a single implementation.
 Each registry binds its implementations to exactly these names and checks it when it is imported
 (:func:`check_registry`): weightings and weight spaces (:mod:`debias.diffusion.weighting`), targets
 (:mod:`debias.diffusion.targets`), schedules (:mod:`debias.diffusion.schedule`), datasets
-(:mod:`debias.data`), solvers and their options (:mod:`debias.solvers`), arithmetic
+(:mod:`debias.data.datasets`), solvers and their options (:mod:`debias.solvers`), arithmetic
 (:mod:`debias.solvers`), spacings (:mod:`debias.solvers.grid`), presets (:mod:`debias.solvers.presets`),
 metrics (:mod:`debias.metrics.scores`), precisions (:mod:`debias.runtime`), timestep densities
 (:mod:`debias.diffusion.densities`), EMAs (:mod:`debias.train.state`).
@@ -35,6 +35,7 @@ METRICS = ("fid", "sfid", "kid", "pr", "isc")
 DEVICES = ("cpu", "cuda", "auto")  # the names params.yaml takes (the library also takes cuda:N)
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMAS = ("traditional", "phema")
+DATA_LOADING = ("auto", "memory", "stream")  # the training set in memory or streamed (debias.data.batches)
 TIMESTEP_DENSITIES = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
 
 INCEPTION_BATCH_SIZE = 16  # images per Inception call: 8-16 run fastest on a CPU, 1.2x over 64 (benchmarks/BENCHMARKS.md)

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debias.catalog import (ARITHMETIC, DATASETS, DEVICES, EMAS, INCEPTION_BATCH_SIZE, METRICS, PHEMA_STD_MAX, PRECISIONS,
+from debias.catalog import (ARITHMETIC, DATA_LOADING, DATASETS, DEVICES, EMAS, INCEPTION_BATCH_SIZE, METRICS, PHEMA_STD_MAX, PRECISIONS,
                             PRESETS, SCHEDULES, SOLVER_OPTIONS, SOLVERS, SPACINGS, TARGETS, TIMESTEP_DENSITIES,
                             WEIGHT_SPACES, WEIGHTINGS, option_problem)
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
@@ -31,7 +31,7 @@ TRAINING_SECTIONS = ("weighting", "target", "seed", "data", "model", "diffusion"
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What to train on. ``name`` is a dataset of the registry in :mod:`debias.data`."""
+    """What to train on. ``name`` is a dataset of the registry in :mod:`debias.data.datasets`."""
 
     name: str = "digits"
     path: str | None = None          # image folder for ``name: folder``
@@ -137,7 +137,8 @@ class TrainConfig:
     snapshot_steps: list[int] = field(default_factory=lambda: [500, 1000, 1500])  # those beyond steps are skipped
     log_every: int = 50
     devices: str = "cpu"
-    num_workers: int = 0
+    data_loading: str = "auto"       # memory | stream (from the prepared array's memory map) | auto (debias.data.batches)
+    num_workers: int = 2             # threads reading streamed batches ahead of the step (0: in the training thread)
     compile: bool = False
     timestep_sampler: str = "uniform"   # where t is drawn (debias.diffusion.densities)
     timestep_loc: float | None = None   # the log-SNR density's location / scale (null: its default)
@@ -167,7 +168,8 @@ class TrainConfig:
         require(all(s >= 1 for s in self.snapshot_steps), "train.snapshot_steps", "must be positive step numbers")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         one_of(self.devices, DEVICES, "train.devices")
-        require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        one_of(self.data_loading, DATA_LOADING, "train.data_loading")
+        require(0 <= self.num_workers <= 64, "train.num_workers", "must be in [0, 64]")
 
 
 @dataclass(frozen=True)

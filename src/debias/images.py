@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -148,14 +148,15 @@ def read_folder(folder: Path) -> Tensor:
 
 
 class ImageArray:
-    """The uint8 images of an ``.npz``, read lazily: ``len``, ``image_shape`` (C, H, W), and
-    ``[index]`` → uint8 (n, C, H, W) tensors (copies of just those images, read from a memory map)."""
+    """uint8 images on disk, read lazily: ``len``, ``image_shape`` (C, H, W), and ``[index]`` → uint8 (n, C, H, W)
+    tensors (copies of just those images, read from a memory map): an ``.npz`` member, a prepared set, or the
+    ``rows`` of one (:meth:`take`)."""
 
-    def __init__(self, array: np.ndarray, channels_last: bool, source: str):
-        self.array, self.channels_last, self.source = array, channels_last, source
+    def __init__(self, array: np.ndarray, channels_last: bool, source: str, rows: np.ndarray | None = None):
+        self.array, self.channels_last, self.source, self.rows = array, channels_last, source, rows
 
     def __len__(self) -> int:
-        return len(self.array)
+        return len(self.array) if self.rows is None else len(self.rows)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -164,11 +165,23 @@ class ImageArray:
 
     def head(self, n: int | None) -> ImageArray:
         """The first ``n`` images (all for None), still unread."""
+        if self.rows is not None:
+            return ImageArray(self.array, self.channels_last, self.source, self.rows[:n])
         return ImageArray(self.array[:n], self.channels_last, self.source)
 
+    def take(self, rows: Sequence[int]) -> ImageArray:
+        """The images at ``rows`` (in that order), still unread."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ImageArray(self.array, self.channels_last, self.source, rows if self.rows is None else self.rows[rows])
+
     def __getitem__(self, index: slice | Sequence[int]) -> Tensor:
-        images = np.array(self.array[index])
+        images = np.array(self.array[index if self.rows is None else self.rows[index]])
         return torch.from_numpy(images.transpose(0, 3, 1, 2).copy() if self.channels_last else images)
+
+    def blocks(self, size: int = 1024) -> Iterator[Tensor]:
+        """All the images, ``size`` at a time (uint8 (n, C, H, W) tensors)."""
+        for start in range(0, len(self), size):
+            yield self[start:start + size]
 
 
 def open_npz_images(path: str | Path, rows: int | None = None) -> ImageArray:

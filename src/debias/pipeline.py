@@ -17,7 +17,7 @@ from debias.config import Config, load_config
 from debias.errors import one_line_errors
 
 PARAMS = Path("params.yaml")
-PREPARED = Path("data/prepared.npz")
+PREPARED = Path("data/prepared")  # a prepared set: images.npy (a memory map), labels.npy, meta.json
 REFERENCE_FEATURES = Path("data/reference_features.npz")
 CHECKPOINTS = Path("checkpoints")
 CHUNKS = Path("chunks")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from debias.config import DataConfig, EvalConfig
-from debias.data import DATASETS, load_dataset
+from debias.data.datasets import DATASETS, load_dataset
 from debias.errors import DebiasError
 from debias.images import ImageArray, load_images, open_npz_images, to_uint8
 from debias.metrics.features import Features, FeatureStats, load_features
@@ -74,7 +74,8 @@ def fid_reference(e: EvalConfig, training_set: Callable[[], torch.Tensor], spec:
         return reference
     if e.reference_images is not None and e.reference_images < len(reference):
         pick = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[:e.reference_images]
-        reference = reference[pick.sort().values.tolist()]
+        rows = pick.sort().values.tolist()
+        reference = reference.take(rows) if isinstance(reference, ImageArray) else reference[rows]
     if max_images is None:
         return reference
     return reference.head(max_images) if isinstance(reference, ImageArray) else reference[:max_images]

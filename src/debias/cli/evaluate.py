@@ -35,7 +35,7 @@ def fid_command(
 
     The eval params of params.yaml (plus -S) apply, replaced by these options, so `debias fid
     samples.npz` scores like the pipeline's evaluate stage. .npz images are read batch by batch."""
-    from debias.data import load_dataset
+    from debias.data.datasets import load_dataset
     from debias.images import to_uint8
     from debias.io import write_json
     from debias.jobs.evaluate import score
@@ -88,7 +88,7 @@ def analyze_command(
     params of params.yaml (plus -S), replaced by these options."""
     import torch
 
-    from debias.data import load_dataset
+    from debias.data.datasets import load_dataset
     from debias.images import ImageArray, to_uint8
     from debias.jobs.analyze import AnalysisFiles, analyze
     from debias.models.factory import load_model

@@ -52,16 +52,20 @@ def train_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[st
                   progress: bool = typer.Option(True, "--progress/--no-progress", help="Report progress (a bar on a terminal, else a line every 10 s).")) -> None:
     """Train one recipe into its own run folder (resumable).
 
-    The folder holds checkpoint.pt, snapshots/, train_log.tsv, timestep_loss.tsv and dvclive/. With train.devices cuda/auto it uses every visible GPU (DDP through
+    The folder holds checkpoint.pt, snapshots/, train_log.tsv, timestep_loss.tsv and dvclive/; a data folder is prepared once beside it (prepared-<digest>/, read as a memory map). With train.devices cuda/auto it uses every visible GPU (DDP through
     torchrun); under `torchrun --nproc-per-node N -m debias train` likewise."""
-    from debias.jobs.train import train_recipe
+    from debias.data.datasets import training_set
+    from debias.runtime import relaunch_on_all_gpus
+    from debias.train.loop import train
     from debias.train.rundir import run_key
 
     sets = [*(set_ or []), *([f"weighting={weighting}"] if weighting else []), *([f"target={target}"] if target else [])]
     cfg = load_params(params, sets)
     out = out if out is not None else RUNS / run_key(cfg)
     check_not_tracked(out)
-    result = train_recipe(cfg, out, command_line(), resume=resume, progress=progress)
+    dataset = training_set(cfg.data, out.parent)  # a folder: prepared beside the run (bounded memory), or reused
+    relaunch_on_all_gpus(cfg.train.devices, command_line())
+    result = train(cfg, out, dataset, resume=resume, progress=progress)
     if result.is_main_process:
         loss = f", last logged loss {result.loss:.4g}" if result.loss is not None else ""
         done = "already finished" if result.step == result.start_step else f"trained steps {result.start_step}→{result.step}"

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from debias.analysis import channel_means, write_bias_analysis, write_color_analysis, write_fid_vs_training
 from debias.config import Config
-from debias.data import load_prepared
-from debias.images import from_uint8, to_uint8
+from debias.data.prepared import open_prepared
+from debias.images import ImageArray, from_uint8
 from debias.metrics.features import Features, FeatureStats, load_reference
 from debias.models.factory import load_model
 from debias.pipeline import FIGURES, MODEL, PLOTS, PREPARED, REFERENCE_FEATURES, SNAPSHOTS
@@ -30,12 +30,12 @@ class AnalysisFiles:
     figures: Path
 
 
-def analyze(cfg: Config, checkpoint: Path, images: Tensor, labels: Tensor | None, files: AnalysisFiles, *,
+def analyze(cfg: Config, checkpoint: Path, images: Tensor | ImageArray, labels: Tensor | None, files: AnalysisFiles, *,
             ranks: Ranks, device: torch.device, snapshots: Sequence[Path] = (),
             reference: Features | FeatureStats | None = None) -> None:
-    """Analyse the model of ``checkpoint`` against real uint8 ``images`` (N, C, H, W) (``labels`` (N,) for a
-    class-conditional model) with the analyze and sample params; with ``snapshots`` and a FID ``reference``
-    also FID against training steps."""
+    """Analyse the model of ``checkpoint`` against real uint8 ``images`` (N, C, H, W) — a tensor or an
+    :class:`~debias.images.ImageArray`, read in blocks — (``labels`` (N,) for a class-conditional model) with the
+    analyze and sample params; with ``snapshots`` and a FID ``reference`` also FID against training steps."""
     a, s, e = cfg.analyze, cfg.sample, cfg.eval
     model = load_model(checkpoint, ema=s.ema)
     model.network = prepare_network(model.network, device)
@@ -63,6 +63,6 @@ def analyze_stage(cfg: Config, argv: list[str]) -> None:
     """Stage ``analyze``: models/model.pt against the prepared training set, and the FID of models/snapshots/
     against the prepared reference, into plots/ (tables) and plots/figures/."""
     with on_devices(cfg.analyze.device, argv) as (ranks, device):
-        dataset = load_prepared(PREPARED)
-        analyze(cfg, MODEL, to_uint8(dataset.images), dataset.labels, AnalysisFiles(PLOTS, FIGURES), ranks=ranks,
+        prepared = open_prepared(PREPARED)
+        analyze(cfg, MODEL, prepared.images, prepared.labels, AnalysisFiles(PLOTS, FIGURES), ranks=ranks,
                 device=device, snapshots=sorted(SNAPSHOTS.glob("step_*.pt")), reference=load_reference(REFERENCE_FEATURES))

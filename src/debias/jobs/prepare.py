@@ -1,4 +1,5 @@
-"""Job `prepare`: the training set as one uint8 array, and the FID reference — Inception pool and sFID
+"""Job `prepare`: the training set as one uint8 array (a prepared set, :mod:`debias.data.prepared`, written
+block by block as it is decoded), and the FID reference — Inception pool and sFID
 features of a fixed random subset of the training set (or of eval.reference), or the statistics an ADM
 reference batch holds instead of images — on every visible GPU."""
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import torch
 
 from debias.config import Config
-from debias.data import load_dataset, load_prepared, save_prepared
+from debias.data.datasets import dataset_blocks, source_of
+from debias.data.prepared import open_prepared, write_prepared
 from debias.errors import DebiasError
-from debias.images import ImageArray, to_uint8
+from debias.images import ImageArray
 from debias.metrics.features import FeatureStats, extract, save_features
 from debias.metrics.inception import resolve_inception_weights
 from debias.pipeline import PREPARED, REFERENCE_FEATURES
@@ -25,10 +27,10 @@ def prepare(cfg: Config, prepared: Path, reference_features: Path, argv: list[st
     e = cfg.eval
     with on_devices(e.device, argv) as (ranks, device):
         if ranks.main:
-            save_prepared(prepared, load_dataset(cfg.data))
+            write_prepared(prepared, dataset_blocks(cfg.data), source_of(cfg.data))
         if ranks.world > 1:
             torch.distributed.barrier()
-        reference = fid_reference(e, lambda: to_uint8(load_prepared(prepared).images))
+        reference = fid_reference(e, lambda: open_prepared(prepared).images)
         if isinstance(reference, FeatureStats):
             if ranks.main:
                 reference.save(reference_features)
@@ -46,5 +48,5 @@ def prepare(cfg: Config, prepared: Path, reference_features: Path, argv: list[st
 
 
 def prepare_stage(cfg: Config, argv: list[str]) -> None:
-    """Stage ``prepare``: data/prepared.npz and data/reference_features.npz."""
+    """Stage ``prepare``: data/prepared/ and data/reference_features.npz."""
     prepare(cfg, PREPARED, REFERENCE_FEATURES, argv)

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from debias.checkpoints import Checkpoint, save_checkpoint
 from debias.config import Config
-from debias.data import ImageDataset, load_dataset
+from debias.data.batches import training_batches
+from debias.data.prepared import PreparedSet
+from debias.data.sets import ImageDataset
 from debias.diffusion.densities import TimestepDensity
 from debias.diffusion.objective import Objective, recipe_weight_table
 from debias.diffusion.schedule import Schedule
@@ -36,7 +38,7 @@ from debias.progress import Progress
 from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
-from debias.train.state import EMA, DataOrder, cpu_state, ema_decays, make_generators
+from debias.train.state import EMA, cpu_state, ema_decays, make_generators
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,15 @@ class Trainer:
     """The state of one run: model, optimizer, EMA, generators and logs around the objective, plus one
     :meth:`step`."""
 
-    def __init__(self, cfg: Config, dataset: ImageDataset, unet_kwargs: dict, device: torch.device, ranks: Ranks,
-                 logs: MetricLogs):
+    def __init__(self, cfg: Config, dataset: ImageDataset | PreparedSet, unet_kwargs: dict, device: torch.device,
+                 ranks: Ranks, logs: MetricLogs):
         self.cfg, self.device, self.ranks, self.unet_kwargs, self.logs = cfg, device, ranks, unet_kwargs, logs
         tc = cfg.train
         if tc.batch_size % ranks.world:
             raise DebiasError(f"train.batch_size={tc.batch_size} is not divisible by the {ranks.world} processes")
         self.micro = slice(ranks.rank * tc.batch_size // ranks.world, (ranks.rank + 1) * tc.batch_size // ranks.world)
-        small = dataset.images.element_size() * dataset.images.nelement() <= 2**31
-        data_device = device if small else torch.device("cpu")
-        self.images = dataset.images.to(data_device)
-        self.labels = dataset.labels.to(data_device) if cfg.data.class_cond else None
-        self.order = DataOrder(len(dataset), tc.batch_size, cfg.seed, data_device)
+        self.batches = training_batches(dataset, dataset.labels if cfg.data.class_cond else None, tc.data_loading,
+                                        cfg.seed, tc.batch_size, self.micro, device, tc.num_workers)
 
         torch.manual_seed(cfg.seed)
         self.model = prepare_network(UNetModel(**unet_kwargs), device)
@@ -115,13 +114,11 @@ class Trainer:
 
     def batch(self, k: int) -> tuple[Tensor, Tensor | None]:
         """This rank's slice of global batch k: x0 (b, C, H, W), randomly flipped if asked, and labels (b,) or None."""
-        idx = self.order.batch(k)[self.micro]
-        x0 = self.images[idx].to(self.device, non_blocking=True)
+        x0, y = self.batches.get(k)
         if self.cfg.data.random_flip:
             B = self.cfg.train.batch_size
             flip = torch.rand(B, generator=self.generators["flip"], device=self.device)[self.micro] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
         return x0, y
 
     def step(self, k: int) -> None:
@@ -185,11 +182,11 @@ class Trainer:
         if self.network.head is not None:
             ckpt.extra["uncertainty"] = cpu_state(self.network.head)
         if log_state is not None:
-            epoch, position = self.order.position(step)
+            epoch, position = self.batches.order.position(step)
             ckpt.optimizer = self.optimizer.state_dict()
             ckpt.scaler = self.scaler.state_dict() if self.scaler is not None else None
             ckpt.rng = self.rng_state()
-            ckpt.extra |= {"logs": log_state, "dataset_size": self.order.size, "epoch": epoch, "position": position,
+            ckpt.extra |= {"logs": log_state, "dataset_size": self.batches.order.size, "epoch": epoch, "position": position,
                           "timesteps": self.density.state()}
         return ckpt
 
@@ -284,21 +281,21 @@ def restore_part(source: Path, part: str, restore: Callable[[], object]) -> None
                           f"{one_line(str(err))[:160]})") from None
 
 
-def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, on_step: Callable[[int], None] | None = None,
-          dataset: ImageDataset | None = None, log_dir: str | Path | None = None) -> TrainResult:
-    """Train ``cfg`` into ``out_dir``, continuing from ``out_dir/checkpoint.pt`` when ``resume``.
+def train(cfg: Config, out_dir: str | Path, dataset: ImageDataset | PreparedSet, *, resume: bool = True,
+          progress: bool = True, stop_after: int | None = None, on_step: Callable[[int], None] | None = None,
+          log_dir: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` on ``dataset`` (in memory, or a prepared set read as a memory map) into ``out_dir``,
+    continuing from ``out_dir/checkpoint.pt`` when ``resume``.
 
     A finished run (checkpoint at ``train.steps``) returns at once. ``stop_after`` stops after that
-    global step as a kill would (tests); ``on_step(step)`` is called after every step; ``dataset``
-    replaces ``load_dataset(cfg.data)``; ``log_dir`` (default ``out_dir``) receives the TSV logs.
+    global step as a kill would (tests); ``on_step(step)`` is called after every step; ``log_dir``
+    (default ``out_dir``) receives the TSV logs.
     Under torchrun (WORLD_SIZE > 1) every rank calls this and rank 0 writes the files.
     Raises :class:`DebiasError` for bad input, a locked ``out_dir``, or a non-finite loss.
     """
     began = time.perf_counter()
     run = RunDir(Path(out_dir), Path(log_dir or out_dir))
     with processes(cfg.train.devices) as (ranks, device):
-        dataset = dataset if dataset is not None else load_dataset(cfg.data)
         if cfg.data.class_cond and dataset.labels is None:
             raise DebiasError(f"data.class_cond: dataset {cfg.data.name!r} has no class labels")
         unet_kwargs = unet_kwargs_for(cfg, dataset.num_classes)
@@ -330,5 +327,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bo
                     log.warning("note: train.snapshot_steps %s lie beyond train.steps=%d; no snapshot is kept there",
                                 ", ".join(map(str, beyond)), cfg.train.steps)
             end = cfg.train.steps if stop_after is None else max(start, min(cfg.train.steps, stop_after))
-            step = trainer.fit(run, start, end, progress, on_step)
+            try:
+                step = trainer.fit(run, start, end, progress, on_step)
+            finally:
+                trainer.batches.close()
     return TrainResult(run.checkpoint, step, start, trainer.logs.last_loss, time.perf_counter() - began, ranks.main)

@@ -32,7 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
 # training-config keys that may change between a checkpoint and its resumption without changing the result
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_steps", "train.log_every",
-                     "train.devices", "train.num_workers", "train.compile", "data.path", "data.on_error"}
+                     "train.devices", "train.data_loading", "train.num_workers", "train.compile", "data.path", "data.on_error"}
 
 
 def run_key(cfg: Config) -> str:

@@ -1,25 +1,20 @@
-"""The training state that is not the optimizer's: random streams, the data order, and the EMAs.
+"""The training state that is not the optimizer's: the random streams and the EMAs.
 
-Every random draw comes from an explicit generator whose state is checkpointed, and the data order
-is a per-epoch permutation seeded by (seed, epoch), so a resumed run draws exactly what an
-uninterrupted one would.
+Every random draw comes from an explicit generator whose state is checkpointed (and the data order is a
+function of (seed, step), :mod:`debias.data.order`), so a resumed run draws exactly what an uninterrupted
+one would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from debias.data.order import stream_seed
 from debias.errors import DebiasError
 from debias.phema import beta, profile_key
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """An independent 63-bit seed for random stream ``stream`` of run ``seed``."""
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 STREAMS = {"timesteps": 1, "noise": 2, "flip": 3}
@@ -27,40 +22,6 @@ STREAMS = {"timesteps": 1, "noise": 2, "flip": 3}
 
 def make_generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     return {name: torch.Generator(device).manual_seed(stream_seed(seed, k)) for name, k in STREAMS.items()}
-
-
-class DataOrder:
-    """Global batches of dataset indices.
-
-    Step k takes positions k·B … k·B + B − 1 of the endless concatenation of per-epoch permutations;
-    epoch e's permutation comes from a generator seeded by (seed, e). The order therefore depends
-    only on (seed, step), which makes resuming exact without any state of its own.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, device: torch.device):
-        self.size, self.batch_size, self.seed, self.device = size, batch_size, seed, device
-        self._cache: dict[int, Tensor] = {}
-
-    def permutation(self, epoch: int) -> Tensor:
-        if epoch not in self._cache:
-            gen = torch.Generator().manual_seed(stream_seed(self.seed, 1000 + epoch))
-            self._cache = {e: p for e, p in self._cache.items() if e >= epoch - 1}
-            self._cache[epoch] = torch.randperm(self.size, generator=gen).to(self.device)
-        return self._cache[epoch]
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, index within the epoch) of the first sample of step ``step``."""
-        return divmod(step * self.batch_size, self.size)
-
-    def batch(self, step: int) -> Tensor:
-        """Indices (B,) int64 of step ``step`` (0-based), on the order's device."""
-        start, parts, left = step * self.batch_size, [], self.batch_size
-        while left:
-            epoch, offset = divmod(start, self.size)
-            part = self.permutation(epoch)[offset:offset + left]
-            parts.append(part)
-            start, left = start + len(part), left - len(part)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class EMA:

@@ -1,4 +1,5 @@
-"""Training data: a registry of built-in datasets, each loaded into memory as one :class:`ImageDataset`.
+"""Datasets: a registry of built-in datasets and image folders, loaded into memory (:class:`ImageDataset`) or
+decoded block by block (:class:`ImageBlocks`, for the prepared array of :mod:`debias.data.prepared`).
 
 - ``digits``: scikit-learn's 1797 8×8 grey hand-written digits (labels 0-9), offline.
 - ``folder``: any directory tree of png/jpg/jpeg/webp/bmp images, centre-cropped and resized like
@@ -14,26 +15,28 @@ draws them per batch from its own generator so that resuming is exact.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
+import json
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 
 from debias import catalog
 from debias.catalog import check_registry
+from debias.data.prepared import PreparedSet, open_prepared, write_prepared
+from debias.data.sets import ImageBlocks, ImageDataset
 from debias.errors import DebiasError, one_line
 from debias.images import IMAGE_SUFFIXES, BadImage, decode_image, from_uint8, to_mode, to_uint8
-from debias.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +54,6 @@ class DataSpec(Protocol):
     class_cond: bool
     on_error: str
     max_images: int | None
-
-
-@dataclass
-class ImageDataset:
-    """Images (N, C, H, W) float32 in [-1, 1], optional labels (N,) int64 in [0, num_classes)."""
-
-    images: Tensor
-    labels: Tensor | None = None
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of unreadable files
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 # --------------------------------------------------------------------------- single images
@@ -140,43 +129,55 @@ def _read_or_reason(path: Path, image_size: int, channels: int) -> np.ndarray | 
         return err
 
 
-def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[tuple[Path, np.ndarray | BadImage]]:
-    """(file, image or the reason it is bad) in order; decoded by a thread pool (PIL releases the GIL)."""
+def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[list[np.ndarray | BadImage]]:
+    """Each run of ``_CHUNK`` files decoded, in order: the image or the reason it is bad, per file; decoded by a
+    thread pool (PIL releases the GIL), one run at a time."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(files), _CHUNK):
-            chunk = files[start:start + _CHUNK]
-            yield from zip(chunk, pool.map(lambda f: _read_or_reason(f, image_size, channels), chunk))
+            yield list(pool.map(lambda f: _read_or_reason(f, image_size, channels), files[start:start + _CHUNK]))
 
 
-def load_image_files(root: Path, files: list[Path], image_size: int, channels: int, on_error: str,
-                     labels: list[int] | None = None, limit: int | None = None,
-                     ) -> tuple[np.ndarray, list[int] | None, list[tuple[str, str]]]:
-    """Decode ``files`` into (N, C, size, size) uint8, dropping (or failing on) unreadable ones and
-    stopping after ``limit`` readable images."""
-    out = np.empty((min(len(files), limit or len(files)), channels, image_size, image_size), dtype=np.uint8)
-    kept, skipped = [], []
-    with warnings.catch_warnings():
-        # read_image enforces the pixel limit itself, so PIL's warning only adds noise
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for i, (path, image) in enumerate(_decoded(files, image_size, channels)):
-            if isinstance(image, BadImage):
-                if on_error == "fail":
-                    raise DebiasError(f"cannot read image {path}: {image}")
-                skipped.append((path.relative_to(root).as_posix(), str(image)))
-                continue
-            out[len(kept)] = image
-            kept.append(i)
-            if len(kept) == len(out):
-                break
-    if not kept:
-        raise DebiasError(f"no readable images in {root}: all {len(files)} failed "
-                          f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
-    if skipped:
-        _report_skipped(root, skipped, len(files))
-    return out[:len(kept)], ([labels[i] for i in kept] if labels is not None else None), skipped
+def decode_files(root: Path, files: list[Path], image_size: int, channels: int, on_error: str,
+                 labels: list[int] | None = None, limit: int | None = None) -> ImageBlocks:
+    """``files`` decoded into blocks of (n, C, size, size) uint8, dropping (or, with ``on_error: fail``, failing on)
+    unreadable ones and stopping after ``limit`` readable images; no readable image at all is an error."""
+    limit = min(len(files), limit or len(files))
+    skipped: list[tuple[str, str]] = []
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        kept = 0
+        with warnings.catch_warnings():
+            # read_image enforces the pixel limit itself, so PIL's warning only adds noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            for start, decoded in zip(range(0, len(files), _CHUNK), _decoded(files, image_size, channels)):
+                images, rows = [], []
+                for i, image in enumerate(decoded, start):
+                    if kept + len(images) == limit:
+                        break
+                    if isinstance(image, BadImage):
+                        if on_error == "fail":
+                            raise DebiasError(f"cannot read image {files[i]}: {image}")
+                        skipped.append((files[i].relative_to(root).as_posix(), str(image)))
+                        continue
+                    images.append(image)
+                    rows.append(i)
+                if images:
+                    kept += len(images)
+                    yield np.stack(images), None if labels is None else np.array([labels[i] for i in rows], np.int64)
+                if kept == limit:
+                    break
+        if not kept:
+            raise DebiasError(f"no readable images in {root}: all {len(files)} failed "
+                              f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+        if skipped:
+            _report_skipped(root, skipped, len(files))
+
+    return ImageBlocks(limit, (channels, image_size, image_size), blocks(), skipped=skipped)
 
 
-def load_folder(cfg: DataSpec) -> ImageDataset:
+def folder_blocks(cfg: DataSpec) -> ImageBlocks:
+    """The images of ``data.path`` (``data.name: folder``), block by block, with class labels from the first-level
+    sub-folders when ``data.class_cond``."""
     root = Path(cfg.path).expanduser()
     if not root.exists():
         raise DebiasError(f"data folder not found: {root}")
@@ -186,12 +187,21 @@ def load_folder(cfg: DataSpec) -> ImageDataset:
     if not files:
         raise DebiasError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
     names, labels = _class_labels(root, files) if cfg.class_cond else (None, None)
-    arr, labels, skipped = load_image_files(root, files, cfg.image_size, cfg.channels, cfg.on_error, labels,
-                                             limit=cfg.max_images)
-    return ImageDataset(images=from_uint8(arr),
-                        labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None,
-                        num_classes=len(names) if names is not None else None, class_names=names,
-                        skipped=skipped)
+    blocks = decode_files(root, files, cfg.image_size, cfg.channels, cfg.on_error, labels, limit=cfg.max_images)
+    blocks.num_classes, blocks.class_names = (len(names), names) if names is not None else (None, None)
+    return blocks
+
+
+def gather(blocks: ImageBlocks) -> ImageDataset:
+    """All the blocks in memory, as floats in [-1, 1]."""
+    arrays, labels = zip(*blocks.blocks)
+    return ImageDataset(images=from_uint8(np.concatenate(arrays)),
+                        labels=None if labels[0] is None else torch.from_numpy(np.concatenate(labels)),
+                        num_classes=blocks.num_classes, class_names=blocks.class_names, skipped=blocks.skipped)
+
+
+def load_folder(cfg: DataSpec) -> ImageDataset:
+    return gather(folder_blocks(cfg))
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -227,7 +237,7 @@ def twemoji_folder() -> Path:
 def _twemoji_array(image_size: int, channels: int) -> np.ndarray:
     """All Twemoji PNGs decoded once per (size, channels): (N, C, size, size) uint8, read-only."""
     root = twemoji_folder()
-    arr, _, _ = load_image_files(root, find_images(root), image_size, channels, on_error="skip")
+    arr = np.concatenate([block for block, _ in decode_files(root, find_images(root), image_size, channels, "skip").blocks])
     arr.setflags(write=False)
     return arr
 
@@ -263,19 +273,51 @@ def load_dataset(cfg: DataSpec) -> ImageDataset:
     return dataset
 
 
-def save_prepared(path: Path, dataset: ImageDataset) -> None:
-    """The prepared training set: uint8 images (N, C, H, W) and labels (N,) (empty when unlabelled)."""
-    labels = dataset.labels.numpy() if dataset.labels is not None else np.zeros(0, dtype=np.int64)
-    atomic_write(path, lambda f: np.savez(f, images=to_uint8(dataset.images).numpy(), labels=labels,
-                                          num_classes=np.int64(dataset.num_classes or 0)))
+def dataset_blocks(cfg: DataSpec) -> ImageBlocks:
+    """The dataset ``cfg.name`` as uint8 blocks: a folder decoded block by block (bounded memory at any size), a
+    built-in dataset (small) in one block."""
+    if cfg.name == "folder":
+        return folder_blocks(cfg)
+    dataset = load_dataset(cfg)
+    labels = None if dataset.labels is None else dataset.labels.numpy()
+    return ImageBlocks(len(dataset), tuple(dataset.images.shape[1:]), iter([(to_uint8(dataset.images).numpy(), labels)]),
+                       dataset.num_classes, dataset.class_names)
 
 
-def load_prepared(path: Path) -> ImageDataset:
-    """The training set written by :func:`save_prepared`, as floats in [-1, 1]."""
-    if not path.is_file():
-        raise DebiasError(f"{path} not found; run `dvc repro prepare` first")
-    with np.load(path) as data:
-        images = from_uint8(data["images"])
-        labels = torch.from_numpy(data["labels"]) if data["labels"].size else None
-        num_classes = int(data["num_classes"]) or None
-    return ImageDataset(images=images, labels=labels, num_classes=num_classes)
+def source_of(cfg: DataSpec, fingerprint: bool = False) -> dict:
+    """What a prepared set of ``cfg`` is made from: the data settings and, with ``fingerprint`` and a folder, the
+    digest of its image files' names, sizes and modification times (what tells a changed folder)."""
+    settings = {key: getattr(cfg, key) for key in ("name", "path", "image_size", "channels", "class_cond", "on_error",
+                                                   "max_images")}
+    if not fingerprint or cfg.name != "folder":
+        return {"data": settings}
+    root = Path(cfg.path).expanduser()
+    digest = hashlib.sha256()
+    for path in find_images(root) if root.is_dir() else []:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return {"data": settings, "files": digest.hexdigest()}
+
+
+def training_set(cfg: DataSpec, prepared_root: Path) -> ImageDataset | PreparedSet:
+    """What ``debias train`` trains on: a built-in dataset in memory, or a folder as a prepared set in
+    ``prepared_root/prepared-<digest of the data settings>/`` — written there block by block (bounded memory, as
+    the pipeline's prepare stage), or reused when its source matches the folder as it is now. One process
+    prepares, others (torchrun ranks, a second run) wait for it."""
+    if cfg.name != "folder":
+        return load_dataset(cfg)
+    source = source_of(cfg, fingerprint=True)
+    digest = hashlib.sha256(json.dumps(source["data"], sort_keys=True).encode()).hexdigest()[:8]
+    folder = prepared_root / f"prepared-{digest}"
+    prepared_root.mkdir(parents=True, exist_ok=True)
+    with open(prepared_root / f".prepared-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            prepared = open_prepared(folder)
+            if prepared.meta.get("source") == source:
+                log.info("note: reusing the prepared images in %s", folder)
+                return prepared
+        except DebiasError:
+            pass
+        log.info("note: preparing %s into %s", one_line(str(cfg.path)), folder)
+        return write_prepared(folder, folder_blocks(cfg), source)
