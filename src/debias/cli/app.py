@@ -118,7 +118,8 @@ def load_params(params: Path | None, sets: list[str] | None):
 
 def with_flags(section: Any, **flags: Any) -> Any:
     """A params section with the given command-line flags (those not None) replacing its fields,
-    validated like the section itself."""
+    validated like the section itself (a command passes sections to its job, never a rebuilt Config: the
+    checks between sections are the params file's, and a flag is what the user asked for this command)."""
     given = {key: value for key, value in flags.items() if value is not None}
     return dataclasses.replace(section, **given) if given else section
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -96,17 +95,16 @@ def analyze_command(
     from debias.sources import image_source
 
     cfg = load_params(params, set_)
-    cfg = dataclasses.replace(cfg, analyze=with_flags(cfg.analyze, num_images=num_images, timesteps=timesteps,
-                                                      color_solver=solver, color_steps=steps or None,
-                                                      color_samples=num_samples, seed=seed, device=device),
-                              sample=with_flags(cfg.sample, batch_size=batch_size, ema=ema))
-    shape = load_model(checkpoint, ema=cfg.sample.ema).image_shape
+    a = with_flags(cfg.analyze, num_images=num_images, timesteps=timesteps, color_solver=solver,
+                   color_steps=steps or None, color_samples=num_samples, seed=seed, device=device)
+    s = with_flags(cfg.sample, batch_size=batch_size, ema=ema)
+    shape = load_model(checkpoint, ema=s.ema).image_shape
     images = to_uint8(load_dataset(cfg.data).images) if data is None else image_source(data, shape=shape[:2])
     if not isinstance(images, (torch.Tensor, ImageArray)):
         raise DebiasError("--data must be images, not precomputed features")
     if tuple(images.shape[1:] if isinstance(images, torch.Tensor) else images.image_shape) != tuple(shape):
         raise DebiasError(f"the images are {tuple(images.shape[1:])}, the model's are {tuple(shape)}; "
                           "give --data of the model's shape")
-    with on_devices(cfg.analyze.device, command_line()) as (ranks, this_device):
-        analyze(cfg, checkpoint, images[:], None, AnalysisFiles(out_dir, out_dir), ranks=ranks, device=this_device)
+    with on_devices(a.device, command_line()) as (ranks, this_device):
+        analyze(a, s, cfg.eval, checkpoint, images[:], None, AnalysisFiles(out_dir, out_dir), ranks=ranks, device=this_device)
         echo_main(ranks, f"{out_dir}: x0_bias.tsv/png, color_shift.tsv/png, color_grid.png")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -75,7 +74,7 @@ def sample_command(
         overrides["spacing"] = None
     steps = s.steps[0]
     with on_devices(s.device, command_line()) as (ranks, this_device):
-        sample_images(dataclasses.replace(cfg, sample=s), solver, checkpoint, {steps: path},
+        sample_images(s, solver, checkpoint, {steps: path},
                       {steps: path.parent / f".{path.name}.chunks"}, ranks=ranks, device=this_device, kind=kind,
                       overrides=overrides, class_labels=class_label, init_noise=noise, float32=float32)
         echo_main(ranks, f"{path}: {count} samples ({solver}, {steps} steps, seed {s.seed})")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from debias.analysis import channel_means, write_bias_analysis, write_color_analysis, write_fid_vs_training
-from debias.config import Config
+from debias.config import AnalyzeConfig, Config, EvalConfig, SampleConfig
 from debias.data.prepared import open_prepared
 from debias.images import ImageArray, from_uint8
 from debias.metrics.features import Features, FeatureStats, load_reference
@@ -30,13 +30,13 @@ class AnalysisFiles:
     figures: Path
 
 
-def analyze(cfg: Config, checkpoint: Path, images: Tensor | ImageArray, labels: Tensor | None, files: AnalysisFiles, *,
-            ranks: Ranks, device: torch.device, snapshots: Sequence[Path] = (),
-            reference: Features | FeatureStats | None = None) -> None:
+def analyze(a: AnalyzeConfig, s: SampleConfig, e: EvalConfig, checkpoint: Path, images: Tensor | ImageArray,
+            labels: Tensor | None, files: AnalysisFiles, *, ranks: Ranks, device: torch.device,
+            snapshots: Sequence[Path] = (), reference: Features | FeatureStats | None = None) -> None:
     """Analyse the model of ``checkpoint`` against real uint8 ``images`` (N, C, H, W) — a tensor or an
     :class:`~debias.images.ImageArray`, read in blocks — (``labels`` (N,) for a class-conditional model) with the
-    analyze and sample params; with ``snapshots`` and a FID ``reference`` also FID against training steps."""
-    a, s, e = cfg.analyze, cfg.sample, cfg.eval
+    analyze params ``a``, sample params ``s`` (and, for the FID, eval params ``e``); with ``snapshots`` and a FID
+    ``reference`` also FID against training steps."""
     model = load_model(checkpoint, ema=s.ema)
     model.network = prepare_network(model.network, device)
     n = min(a.num_images, len(images))
@@ -64,5 +64,5 @@ def analyze_stage(cfg: Config, argv: list[str]) -> None:
     against the prepared reference, into plots/ (tables) and plots/figures/."""
     with on_devices(cfg.analyze.device, argv) as (ranks, device):
         prepared = open_prepared(PREPARED)
-        analyze(cfg, MODEL, prepared.images, prepared.labels, AnalysisFiles(PLOTS, FIGURES), ranks=ranks,
+        analyze(cfg.analyze, cfg.sample, cfg.eval, MODEL, prepared.images, prepared.labels, AnalysisFiles(PLOTS, FIGURES), ranks=ranks,
                 device=device, snapshots=sorted(SNAPSHOTS.glob("step_*.pt")), reference=load_reference(REFERENCE_FEATURES))

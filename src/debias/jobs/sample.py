@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from debias.config import Config
+from debias.config import Config, SampleConfig
 from debias.errors import DebiasError
 from debias.pipeline import MODEL, chunks_dir, samples_file
 from debias.posthoc import sampling_checkpoint
@@ -20,11 +20,11 @@ from debias.sampling import load_sampling, plan_for
 from debias.streaming import clear_chunks, remove_chunks, sample_to_file
 
 
-def sample_images(cfg: Config, solver: str, checkpoint: Path, outputs: Mapping[int, Path], chunks: Mapping[int, Path],
+def sample_images(s: SampleConfig, solver: str, checkpoint: Path, outputs: Mapping[int, Path], chunks: Mapping[int, Path],
                   *, ranks: Ranks, device: torch.device, kind: str = "npz", overrides: Mapping[str, Any] | None = None,
                   class_labels: list[int] | None = None, init_noise: Tensor | None = None, float32: bool = False,
                   keep_chunk_folders: bool = False, label: str | None = None) -> None:
-    """``cfg.sample.num_samples`` images of ``solver`` at each step count of ``outputs`` ({steps: file}), through
+    """``s.num_samples`` images of ``solver`` (the sample params ``s``) at each step count of ``outputs`` ({steps: file}), through
     the chunk folders ``chunks`` ({steps: folder}) — from ``checkpoint``, or with ``sample.ema_std`` from the
     post-hoc EMA of that length rebuilt from the ``phema/`` folder beside it.
 
@@ -34,7 +34,6 @@ def sample_images(cfg: Config, solver: str, checkpoint: Path, outputs: Mapping[i
     last one costs none of the others); then the folders are emptied (``keep_chunk_folders``: the pipeline's
     persistent outs) or removed.
     """
-    s = cfg.sample
     plan = plan_for(solver, s, class_labels=class_labels, float32=float32, **(overrides or {}))
     with sampling_checkpoint(checkpoint, s.ema_std) as path:
         sampling = load_sampling(path, plan, list(outputs), s.num_samples, init_noise=init_noise, device=str(device))
@@ -54,6 +53,6 @@ def sample_stage(cfg: Config, argv: list[str]) -> None:
         raise DebiasError("usage: stages/sample.py SOLVER")
     solver = argv[1]
     with on_devices(cfg.sample.device, argv) as (ranks, device):
-        sample_images(cfg, solver, MODEL, {n: samples_file(solver, n) for n in cfg.sample.steps},
+        sample_images(cfg.sample, solver, MODEL, {n: samples_file(solver, n) for n in cfg.sample.steps},
                       {n: chunks_dir(solver, n) for n in cfg.sample.steps}, ranks=ranks, device=device,
                       keep_chunk_folders=True, label=f"sample@{solver}")
