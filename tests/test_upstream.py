@@ -163,6 +163,16 @@ def test_denoise_to_zero_ends_at_sigma_zero_with_the_same_number_of_calls():
         make_grid(schedule, 6, "linspace", denoise_to_zero=False).timesteps[:-1]
 
 
+def test_even_spacing_accumulates_the_stride_as_guided_diffusion():
+    """guided-diffusion keeps round(0 + stride + … + stride), a running float sum: at these step counts that
+    lands on the other side of a half-integer than round(k · stride) (values from the original's space_timesteps)."""
+    for steps, kept, not_kept in [(21, 499, 500), (23, 499, 500), (31, 500, 499), (35, 499, 500), (39, 499, 500)]:
+        timesteps = space_timesteps(1000, str(steps))
+        assert len(timesteps) == steps and kept in timesteps and not_kept not in timesteps
+        grid = make_grid(Schedule.named("linear", 1000), steps, "even")
+        assert sorted(grid.timesteps[:-1]) == timesteps
+
+
 def test_ddim_spacing_is_guided_diffusions_ddimN():
     for n in (10, 20, 25, 50):
         grid = make_grid(Schedule.named("linear", 1000), n, "ddim")
