@@ -47,6 +47,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
     ``section_counts`` is e.g. ``"50"`` (50 evenly strided steps including both ends), ``"10,15,20"``
     (the chain split into equal sections, each strided evenly), or ``"ddim50"`` (the fixed integer
     stride used by the DDIM paper). Returns the sorted original timesteps to keep.
+
+    Within a section the k-th kept step is ``round(s_k)`` with s_k the float RUNNING SUM
+    0 + stride + … + stride, not ``round(k * stride)``: guided-diffusion accumulates the fractional stride,
+    and the two differ where s_k lands near a half-integer (e.g. 500 instead of the original's 499 at
+    21 steps of 1000; 278 of the step counts 1…1000 keep a different step).
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -64,7 +69,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride  # accumulated, as the original (see above)
         start += size
     return sorted(set(kept))
 

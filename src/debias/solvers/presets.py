@@ -16,7 +16,10 @@
 - every solver: the original's arithmetic (``arithmetic: upstream``: its tables, conversions and einsum
   attention), so that with the same thread count DDPM and DDIM samples are bit for bit the original's
   (a random network at 5 DDIM steps amplifies float32 rounding to 1e-4 — the original's own 1- and
-  2-thread runs differ that much).
+  2-thread runs differ that much). The same holds for the CPU's instruction set (``ATEN_CPU_CAPABILITY``,
+  ``ONEDNN_MAX_CPU_ISA``): other kernels round the network differently, and DDIM's x̂0 = x_t/α − (σ/α) ε̂
+  multiplies that by 1/α ≈ 157 at t = 999 — 2e-5…7e-5 on clipped samples of magnitude 1, where DPM-Solver
+  and UniPC move by under 1e-6 of their magnitude of a few hundred (tests/fixtures/README.md).
 
 The original treats every network as an ε-predictor on the linear 1000-step schedule; here the model's
 own target and schedule are used (the correct conversion), so the preset repeats the original exactly
