@@ -127,6 +127,23 @@ def test_changed_recipe_starts_over_and_short_steps_fail(tmp_path, caplog):
     assert result.start_step == 0 and "(weighting: 'debias' → 'p2'); starting over" in caplog.text
 
 
+def test_a_warmup_longer_than_training_is_a_note_at_the_start_and_from_debias_config(tmp_path, caplog):
+    """train.warmup_steps above train.steps caps the learning rate (4 > 3: 75 % of train.lr at the last step)."""
+    note = "note: train.warmup_steps=4 is above train.steps=3: the learning rate rises to 75% of train.lr and never " \
+           "reaches it"
+    with caplog.at_level(logging.INFO, logger="debias"):
+        train(tiny("train.steps=3", "train.snapshot_steps=[]"), tmp_path, progress=False)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("note: train.")] == [note]
+    from typer.testing import CliRunner
+
+    from debias.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(app, ["config", "-p", str(params), "-S", "train.steps=3", "-S", "train.snapshot_steps=[]"])
+    assert result.exit_code == 0 and result.stderr.splitlines() == [note]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real, calls = loop.diffusion_loss, []
 

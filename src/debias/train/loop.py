@@ -32,6 +32,7 @@ from debias.diffusion.objective import Objective, recipe_weight_table
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.uncertainty import UncertaintyHead, WithUncertainty
 from debias.errors import DebiasError, one_line
+from debias.limits import training_notes
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.progress import Progress
@@ -322,10 +323,8 @@ def train(cfg: Config, out_dir: str | Path, dataset: ImageDataset | PreparedSet,
                 run.log_dir.mkdir(parents=True, exist_ok=True)
                 run.remove_leftovers(fresh=start == 0)
                 trainer.logs.start()
-                beyond = [s for s in cfg.train.snapshot_steps if s > cfg.train.steps]
-                if beyond:
-                    log.warning("note: train.snapshot_steps %s lie beyond train.steps=%d; no snapshot is kept there",
-                                ", ".join(map(str, beyond)), cfg.train.steps)
+                for note in training_notes(cfg.train.steps, cfg.train.warmup_steps, cfg.train.snapshot_steps):
+                    log.warning("%s", note)
             end = cfg.train.steps if stop_after is None else max(start, min(cfg.train.steps, stop_after))
             try:
                 step = trainer.fit(run, start, end, progress, on_step)
