@@ -4,7 +4,8 @@ Timesteps, noise and flips are drawn for the whole global batch from checkpointe
 (:mod:`debias.train.state`) and sliced by rank, and the data order depends only on (seed, step). A
 run killed at any moment and restarted therefore ends with the same weights as an uninterrupted one
 (bitwise on CPU), and N processes under torchrun compute the same gradients as one process with
-the same global batch (up to reduction order). Files (rank 0 only): :mod:`debias.train.rundir`
+the same global batch (up to reduction order); SIGINT/SIGTERM stops it after a step all ranks agree on, with a
+checkpoint there (:mod:`debias.stopping`). Files (rank 0 only): :mod:`debias.train.rundir`
 (checkpoints every ``train.checkpoint_every`` steps and at the end, snapshots at
 ``train.snapshot_steps``) and :mod:`debias.train.logs`.
 """
