@@ -200,3 +200,44 @@ def test_info_lists_every_registry_beyond_the_paper_included():
     assert lines["weightings"].endswith("edm, learned")
     assert lines["timesteps"] == "uniform, lognormal, logistic, laplace, loss_second_moment"
     assert lines["emas"].startswith("traditional, phema")
+
+
+def test_fid_reuses_the_prepare_stages_reference_features_while_they_hold(tmp_path, monkeypatch):
+    """In a project whose prepare stage ran, `debias fid GENERATED` takes data/reference_features.npz when its
+    Inception weights, reference settings and image shape are these (one note says so) and computes the reference
+    as before otherwise (one note says why): the scores are the same either way."""
+    import yaml
+
+    from debias.config import config_from_dict
+    from debias.jobs.prepare import prepare
+    from debias.metrics.features import load_features, save_features
+
+    overrides = ["eval.metrics=[fid, kid]", "eval.reference_images=8", "eval.kid_subset_size=4", "eval.batch_size=4",
+                 "eval.device=cpu", "sample.num_samples=6", "data.max_images=20"]
+    cfg = config_from_dict({}, overrides)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    features = tmp_path / "data" / "reference_features.npz"
+    prepare(cfg, tmp_path / "data" / "prepared", features, ["stages/prepare.py"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "gen.npz", images=rng.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8))
+
+    def fid(*args):
+        result = cli("fid", "gen.npz", "--out", "scores.json", *args)
+        assert result.exit_code == 0, result.output
+        scores = json.loads((tmp_path / "scores.json").read_text())
+        return ({k: v for k, v in scores.items() if k != "provenance"},
+                [line for line in result.stderr.splitlines() if line.startswith("note:")])
+
+    reused, notes = fid()
+    assert notes == ["note: using the reference features of data/reference_features.npz (the same Inception weights "
+                     "and reference settings)"]
+    _, notes = fid("-S", "eval.reference_images=7")
+    assert notes == ["note: computing the reference features: data/reference_features.npz was made with other "
+                     "reference settings"]
+    stored = load_features(features)
+    save_features(features, stored.values, {**stored.meta, "weights_sha256": "0" * 64}, spatial=stored.spatial)
+    computed, notes = fid()
+    assert notes == ["note: computing the reference features: data/reference_features.npz was made with other "
+                     "Inception weights"]
+    assert computed == reused

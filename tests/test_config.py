@@ -1,5 +1,6 @@
 """Config loading: defaults, overrides, and one-line errors (exit code 2 from the CLI)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_overrides_use_dvc_syntax():
     (["diffusion.steps=10"], "diffusion.steps: must be >= 20 for the linear schedule"),
     (["data.name=folder"], "data.path: is required"),
     (["train.snapshot_steps=[0]"], "train.snapshot_steps: must be positive"),
-    (["eval.kid_subset_size=1000", "sample.num_samples=10"], "eval.kid_subset_size: must be <="),
+    (["eval.kid_subset_size=1000", "sample.num_samples=10"], "eval.kid_subset_size: KID subset size 1000 is larger"),
     (["train.lr=.nan"], "train.lr: must be finite"),
     (["novalue"], "expected key=value"),
 ])
@@ -61,6 +62,63 @@ def test_errors_name_the_key(overrides, message):
         config_from_dict({}, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+FOLDER_64 = ["data.name=folder", "data.path=images", "data.image_size=64", "data.channels=3"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.image_size=33"], "data.image_size: image size 33 cannot be halved 1 times (model.channel_mult has 2 levels)"),
+    (FOLDER_64, "model.attention_resolutions: attention resolution 4 never occurs in this UNet (its feature maps are "
+                "[64, 32])"),
+    (["model.attention_resolutions=[3]"], "model.attention_resolutions: attention resolution 3 never occurs"),
+    (["model.num_head_channels=24"], "model.num_head_channels: 64 channels do not split into heads of 24"),
+    (["model.attention_resolutions=[8]", "model.channel_mult=[1, 3]", "model.num_head_channels=64"],
+     "model.num_head_channels: 32 channels do not split into heads of 64"),  # the attended first level
+    (["sample.steps=[20, 1001]"], "sample.steps: ddim on the trailing spacing: cannot sample with 1001 steps: the "
+                                  "model's diffusion chain has 1000 steps (choose 1..1000)"),  # ddpm's grid takes it
+    (["sample.steps=1000"], "sample.steps: dpmsolver++ on the linspace spacing: 'linspace' spacing repeats timesteps "
+                            "for 1000 steps of a 1000-step chain"),
+    (["sample.spacing=ddim", "sample.steps=600"], "sample.steps: ddpm on the ddim spacing: 'ddim' spacing has no "
+                                                  "integer stride giving exactly 600 of 1000 steps"),
+    (["sample.solvers=[ddim]", "sample.steps=1000", "sample.denoise_to_zero=false"],
+     "sample.steps: ddim on the trailing spacing: cannot sample with 1001 steps"),  # one point more: the last level
+    (["sample.solvers=[ddim]", "sample.preset=upstream", "diffusion.schedule=cosine", "diffusion.steps=10",
+      "sample.steps=10"],
+     "analyze.color_steps: ddim on the even spacing: cannot sample with 20 steps"),
+    (["analyze.fid_steps=1001"], "analyze.fid_steps: ddim on the trailing spacing: cannot sample with 1001 steps"),
+    (["sample.num_samples=1"], "sample.num_samples: FID needs at least 2 images per set"),
+    (["data.max_images=1"], "data.max_images: FID needs at least 2 images per set (sample.num_samples=128, "
+                            "data.max_images=1)"),
+    (["eval.reference_images=50"], "eval.kid_subset_size: KID subset size 100 is larger than the image sets "
+                                   "(sample.num_samples=128, eval.reference_images=50); lower the KID subset size"),
+    (["eval.metrics=[pr]", "sample.num_samples=3"], "eval.pr_k: precision/recall k = 3 needs more than 3 images per "
+                                                    "set (sample.num_samples=3, eval.reference_images=400); lower k"),
+    (["sample.ema_std=0.1"], "sample.ema_std: needs train.ema: phema"),
+])
+def test_cli_config_refuses_what_a_later_stage_would(overrides, message):
+    """`debias config` (and so every stage, which loads the params the same way) refuses at load time what the
+    UNet, the solvers' grids or the metrics would refuse after hours of work: one line, exit code 2."""
+    result = CliRunner().invoke(app, ["config", "-p", str(REPO / "params.yaml"), *[f"-S{o}" for o in overrides]])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: {result.stderr.splitlines()[0][7:]}"]
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("overrides", [["sample.steps=999"], ["sample.solvers=[ddim]", "sample.steps=1000"],
+                                       ["sample.preset=upstream", "sample.steps=1000"],
+                                       ["eval.reference=ref.npz", "data.max_images=1", "eval.reference_images=null"],
+                                       ["eval.metrics=[fid]", "sample.num_samples=2", "data.max_images=2"],
+                                       ["train.ema=phema", "sample.ema_std=0.1"]])
+def test_what_the_later_stages_take_is_accepted(overrides):
+    config_from_dict({}, overrides)
+
+
+def test_the_checks_across_sections_run_when_params_are_loaded_not_on_replace():
+    """A command's flags replace a section (`debias sample -n 6`): the code that uses them checks them, not the
+    params' other sections (a KID subset of 100 is the evaluate stage's business, not `debias sample`'s)."""
+    cfg = config_from_dict({})
+    assert dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num_samples=6)).sample.num_samples == 6
 
 
 def test_bad_yaml_file(tmp_path):

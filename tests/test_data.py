@@ -97,6 +97,27 @@ def test_folder_reports_bad_files_and_converts_modes(messy, caplog):
     assert torch.equal(green[1], torch.ones(8, 8)) and (green[0] == -1).all()
 
 
+def test_a_grey_folder_as_rgb_and_a_colour_folder_as_grey_are_one_note(tmp_path, caplog):
+    """A folder decoded into the other number of channels says so once per run (not per image), with the count;
+    a folder already of data.channels says nothing."""
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    for folder in (grey, colour):
+        folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(grey / f"{i}.png")
+        Image.new("RGB", (8, 8), (50 * i, 0, 0)).save(colour / f"{i}.png")
+    Image.new("RGB", (8, 8), (0, 9, 0)).save(grey / "x_one_in_colour.png")
+    runs = {(grey, 3): f"note: 5 of the 6 images of {grey} are grey; converted to RGB (data.channels: 3)",
+            (colour, 1): f"note: 5 of the 5 images of {colour} are in colour; converted to grey (data.channels: 1)",
+            (colour, 3): None}
+    for (folder, channels), note in runs.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="debias"):
+            ds = load_dataset(folder_cfg(folder, channels=channels))
+        assert ds.images.shape[1] == channels
+        assert [r.getMessage() for r in caplog.records if "note:" in r.getMessage()] == ([note] if note else [])
+
+
 def test_folder_fail_mode_names_the_file(messy):
     with pytest.raises(DebiasError, match=r"cannot read image .*g_truncated\.webp"):
         load_dataset(folder_cfg(messy, on_error="fail"))

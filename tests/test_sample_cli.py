@@ -1,5 +1,10 @@
 """`debias sample`: output kinds, and one-line errors that leave nothing behind."""
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +134,30 @@ def test_bf16_sampling_from_the_cli_stays_close_to_fp32(tmp_path):
     diff = np.abs(images["bf16"] - images["fp32"])
     print(f"bf16 vs fp32: mean |diff| {diff.mean():.2f}, max {diff.max()} levels")
     assert 0 < diff.max() <= 16 and diff.mean() <= 2
+
+
+def test_sigint_keeps_the_finished_chunks_and_the_rerun_gives_the_same_file(tmp_path):
+    """Ctrl-C during `debias sample`: it stops before the next network call, keeps every finished chunk, says how
+    many in one line and exits with 130; the rerun samples only the rest and writes what one run writes."""
+    checkpoint = write_checkpoint(tmp_path / "model.pt", noise=0.05)
+    out, straight, chunks = tmp_path / "out.npz", tmp_path / "straight.npz", tmp_path / ".out.npz.chunks"
+    cmd = [sys.executable, "-m", "debias", "sample", str(checkpoint), "--solver", "ddim", "--steps", "10", "-n", "60",
+           "--chunk-size", "4", "--batch-size", "4"]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list(chunks.glob("*.npz")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    kept = sorted(p.name for p in chunks.glob("*.npz"))
+    assert proc.returncode == 128 + signal.SIGINT and 1 <= len(kept) < 15 and not out.exists(), stderr
+    assert stderr.splitlines()[-1:] == [f"interrupted (SIGINT): {len(kept)} of 15 chunks of {out} are on disk in "
+                                        f"{chunks}; run the same command again to resume"]
+    assert not [line for line in stderr.splitlines()[:-1] if "interrupted" in line or "rror" in line], stderr
+    resumed, once = (subprocess.run([*cmd, "--out", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=300) for path in (out, straight))
+    assert resumed.returncode == 0 and once.returncode == 0, resumed.stderr + once.stderr
+    assert f"{out}: {len(kept)} of 15 chunks already sampled" in resumed.stderr
+    assert out.read_bytes() == straight.read_bytes() and not chunks.exists()

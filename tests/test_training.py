@@ -3,6 +3,8 @@
 import json
 import math
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +129,23 @@ def test_changed_recipe_starts_over_and_short_steps_fail(tmp_path, caplog):
     assert result.start_step == 0 and "(weighting: 'debias' → 'p2'); starting over" in caplog.text
 
 
+def test_a_warmup_longer_than_training_is_a_note_at_the_start_and_from_debias_config(tmp_path, caplog):
+    """train.warmup_steps above train.steps caps the learning rate (4 > 3: 75 % of train.lr at the last step)."""
+    note = "note: train.warmup_steps=4 is above train.steps=3: the learning rate rises to 75% of train.lr and never " \
+           "reaches it"
+    with caplog.at_level(logging.INFO, logger="debias"):
+        train(tiny("train.steps=3", "train.snapshot_steps=[]"), tmp_path, progress=False)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("note: train.")] == [note]
+    from typer.testing import CliRunner
+
+    from debias.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(app, ["config", "-p", str(params), "-S", "train.steps=3", "-S", "train.snapshot_steps=[]"])
+    assert result.exit_code == 0 and result.stderr.splitlines() == [note]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real, calls = loop.diffusion_loss, []
 
@@ -199,6 +218,79 @@ def test_sigkill_and_rerun_is_bitwise(tmp_path):
     summary, expected = (json.loads((path / "metrics.json").read_text()) for path in (live, reference))
     assert summary.pop("images_per_s") > 0 and summary == {k: v for k, v in expected.items() if k != "images_per_s"}
     assert summary["step"] == 50
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def test_sigint_checkpoints_the_current_step_and_the_rerun_is_bitwise(tmp_path):
+    """Ctrl-C: the step in progress finishes, a checkpoint holds it, one line names it and how to resume, exit
+    code 130; the rerun ends with the weights and logs of a run never interrupted."""
+    overrides = ["train.steps=50", "train.checkpoint_every=10", "train.log_every=7", "train.snapshot_steps=[]"]
+    out = tmp_path / "interrupted"
+    cmd = cli(tmp_path, out, overrides)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(out / CHECKPOINT, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    stopped_at = load_checkpoint(out / CHECKPOINT).step
+    assert proc.returncode == 128 + signal.SIGINT and 10 <= stopped_at < 50
+    assert stderr.splitlines() == [f"interrupted (SIGINT) at step {stopped_at} of 50: {out / CHECKPOINT} holds it; "
+                                   "run the same command again to resume"]
+    rerun = subprocess.run(cmd, timeout=120, capture_output=True, text=True)
+    assert rerun.returncode == 0 and f"resuming at step {stopped_at} of 50" in rerun.stderr
+    train(config_from_dict(TINY, overrides), tmp_path / "reference", progress=False)
+    assert_same_weights(out, tmp_path / "reference")
+    assert log_without_speed(out) == log_without_speed(tmp_path / "reference")
+    assert (out / TIMESTEP_LOG).read_text() == (tmp_path / "reference" / TIMESTEP_LOG).read_text()
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """{rank: pid} of the workers a torchrun agent started (Linux /proc)."""
+    pids = {}
+    for pid in (Path(f"/proc/{agent}/task/{agent}/children").read_text().split()):
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        pids[int(environ["RANK"])] = int(pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_at_the_same_step_whichever_the_signal_reaches(tmp_path):
+    """SIGINT to rank 1 alone, then Ctrl-C as a terminal sends it (to every process, the agent forwarding it again):
+    both ranks stop after the same step — rank 0 checkpoints it, nobody hangs — and the resumed run ends bitwise
+    with the weights of two processes trained straight through."""
+    overrides = ["train.steps=30", "train.checkpoint_every=4", "train.log_every=5", "train.snapshot_steps=[]",
+                 "train.warmup_steps=0", "train.lr=0.0001", "model.dropout=0.0"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out, steps = tmp_path / "ddp", []
+    for target in ("rank 1", "process group"):
+        proc = subprocess.Popen(cli(tmp_path, out, overrides, launcher), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        start = load_checkpoint(out / CHECKPOINT).step if steps else 0
+        deadline = time.monotonic() + 120
+        while not (out / CHECKPOINT).exists() or load_checkpoint(out / CHECKPOINT).step <= start:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        if target == "rank 1":
+            os.kill(worker_pids(proc.pid)[1], signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        steps.append(load_checkpoint(out / CHECKPOINT).step)
+        assert proc.returncode != 0 and steps[-1] < 30, stderr[-3000:]
+        stopped = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+        assert stopped == [f"interrupted (SIGINT) at step {steps[-1]} of 30: {out / CHECKPOINT} holds it; run the "
+                           "same command again to resume"], stderr[-3000:]
+    resumed, straight = (subprocess.run(cli(tmp_path, folder, overrides, launcher), timeout=180, capture_output=True,
+                                        text=True) for folder in (out, tmp_path / "straight"))
+    assert resumed.returncode == 0 and f"resuming at step {steps[-1]} of 30" in resumed.stderr, resumed.stderr[-3000:]
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_weights(out, tmp_path / "straight")
 
 
 @pytest.mark.slow

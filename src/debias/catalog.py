@@ -6,8 +6,9 @@ params file without importing a single implementation.
 Each registry binds its implementations to exactly these names and checks it when it is imported
 (:func:`check_registry`): weightings and weight spaces (:mod:`debias.diffusion.weighting`), targets
 (:mod:`debias.diffusion.targets`), schedules (:mod:`debias.diffusion.schedule`), datasets
-(:mod:`debias.data.datasets`), solvers and their options (:mod:`debias.solvers`), arithmetic
-(:mod:`debias.solvers`), spacings (:mod:`debias.solvers.grid`), presets (:mod:`debias.solvers.presets`),
+(:mod:`debias.data.datasets`), solvers, their options and default grids (:mod:`debias.solvers`), arithmetic
+(:mod:`debias.solvers`), spacings (:mod:`debias.solvers.grid`), presets and the grids they fix
+(:mod:`debias.solvers.presets`),
 metrics (:mod:`debias.metrics.scores`), precisions (:mod:`debias.runtime`), timestep densities
 (:mod:`debias.diffusion.densities`), EMAs (:mod:`debias.train.state`).
 """
@@ -37,6 +38,20 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 EMAS = ("traditional", "phema")
 DATA_LOADING = ("auto", "memory", "stream")  # the training set in memory or streamed (debias.data.batches)
 TIMESTEP_DENSITIES = ("uniform", "lognormal", "logistic", "laplace", "loss_second_moment")
+
+# each solver's default spacing: the measured best of every spacing, by FID on the embedded default at 20 steps and
+# by the error against the exact answer on Gaussian data (benchmarks/grid_choice.py; the table is in README.md)
+SOLVER_SPACINGS = {"ddpm": "time_quadratic", "ddim": "trailing", "dpmsolver": "linspace", "dpmsolver++": "linspace",
+                   "unipc": "linspace"}
+MULTISTEP_SOLVERS = ("dpmsolver", "dpmsolver++", "unipc")  # take diffusers' multistep variant of the discrete spacings
+# the grid settings a sampling preset fixes per solver (debias.solvers.presets adds its other settings)
+_GUIDED_DIFFUSION_GRID = {"spacing": "even", "denoise_to_zero": True}
+_DPM_SOLVER_GRID = {"spacing": "time_uniform", "denoise_to_zero": False}
+PRESET_GRIDS: dict[str, dict[str, dict[str, Any]]] = {
+    "none": {},
+    "upstream": {"ddpm": _GUIDED_DIFFUSION_GRID, "ddim": _GUIDED_DIFFUSION_GRID, "dpmsolver": _DPM_SOLVER_GRID,
+                 "dpmsolver++": _DPM_SOLVER_GRID, "unipc": _DPM_SOLVER_GRID},
+}
 
 INCEPTION_BATCH_SIZE = 16  # images per Inception call: 8-16 run fastest on a CPU, 1.2x over 64 (benchmarks/BENCHMARKS.md)
 PHEMA_STD_MAX = math.sqrt(1 / 12)  # σ_rel of the uniform average (γ = 0): every EMA length lies in (0, PHEMA_STD_MAX)

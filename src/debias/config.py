@@ -1,8 +1,9 @@
 """Typed, validated configuration: one frozen dataclass per params.yaml section.
 
 ``load_config(path, overrides)`` reads params.yaml, applies ``key.sub=value`` overrides (the syntax
-of ``dvc exp run -S``; values parsed as YAML), and validates everything once (:mod:`debias.schema`). The first problem is
-raised as a :class:`ConfigError` whose message names the key and what is allowed.
+of ``dvc exp run -S``; values parsed as YAML), and validates everything once (:mod:`debias.schema`): each
+section by itself, then what a later stage would refuse across sections (:func:`check_across_sections`). The first
+problem is raised as a :class:`ConfigError` whose message names the key and what is allowed.
 
 Names (weightings, targets, schedules, datasets, solvers, spacings, metrics, devices, precisions) come
 from :mod:`debias.catalog`, which every registry implements; the dataclass defaults are the values params.yaml spells out
@@ -20,10 +21,12 @@ from pathlib import Path
 from debias.catalog import (ARITHMETIC, DATA_LOADING, DATASETS, DEVICES, EMAS, INCEPTION_BATCH_SIZE, METRICS, PHEMA_STD_MAX, PRECISIONS,
                             PRESETS, SCHEDULES, SOLVER_OPTIONS, SOLVERS, SPACINGS, TARGETS, TIMESTEP_DENSITIES,
                             WEIGHT_SPACES, WEIGHTINGS, option_problem)
+from debias.limits import grid_problem, sets_problem, unet_problem
 from debias.schema import ConfigError, apply_overrides, build, one_of, read_params, require
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
-           "EvalConfig", "AnalyzeConfig", "WeightingParams", "TRAINING_SECTIONS", "config_from_dict", "load_config"]
+           "EvalConfig", "AnalyzeConfig", "WeightingParams", "TRAINING_SECTIONS", "check_across_sections",
+           "config_from_dict", "load_config"]
 
 # the top-level keys a training run depends on (everything else is sampling, evaluation, analysis)
 TRAINING_SECTIONS = ("weighting", "target", "seed", "data", "model", "diffusion", "loss", "train")
@@ -292,8 +295,6 @@ class Config:
         one_of(self.weighting, WEIGHTINGS, "weighting")
         one_of(self.target, TARGETS, "target")
         require(self.seed >= 0, "seed", "must be >= 0")
-        require("kid" not in self.eval.metrics or self.eval.kid_subset_size <= self.sample.num_samples,
-                 "eval.kid_subset_size", f"must be <= sample.num_samples={self.sample.num_samples} (KID draws subsets of the samples)")
 
     def to_dict(self) -> dict:
         """Plain nested dict (what params.yaml holds and checkpoints store)."""
@@ -304,12 +305,38 @@ class Config:
         return {k: v for k, v in self.to_dict().items() if k in TRAINING_SECTIONS}
 
 
+def check_across_sections(cfg: Config) -> None:
+    """ConfigError for what a later stage would refuse, in its words (:mod:`debias.limits`): a UNet that the data and
+    model params cannot build; a step count that a solver's grid cannot place on the chain of diffusion.steps
+    (sample.steps of each of sample.solvers, analyze.color_steps, analyze.fid_steps); set sizes that eval.metrics
+    cannot use; sample.ema_std without train.ema: phema. Run by :func:`config_from_dict`, not by the dataclasses,
+    so that a command's flags (``dataclasses.replace``) answer to the checks of the code they reach."""
+    d, m, s, e, a = cfg.data, cfg.model, cfg.sample, cfg.eval, cfg.analyze
+    runs = [*((solver, steps, "sample.steps") for solver in s.solvers for steps in s.steps),
+            *((a.color_solver, steps, "analyze.color_steps") for steps in a.color_steps),
+            (a.fid_solver, a.fid_steps, "analyze.fid_steps")]
+    references = {"eval.reference_images": e.reference_images, "data.max_images": d.max_images if e.reference is None
+                  else None}  # the reference: a subset of eval.reference_images, of the training set if no eval.reference
+    problems = [unet_problem(d.image_size, m.model_channels, m.channel_mult, m.attention_resolutions, m.num_head_channels),
+                *(grid_problem(key, cfg.diffusion.steps, solver, steps, s.spacing, s.denoise_to_zero, s.preset)
+                  for solver, steps, key in runs),
+                sets_problem(e.metrics, s.num_samples, references, e.kid_subset_size, e.pr_k),
+                ("sample.ema_std", "needs train.ema: phema (the post-hoc EMA is rebuilt from the profiles it keeps)")
+                if s.ema_std is not None and cfg.train.ema != "phema" else None]
+    for problem in problems:
+        if problem is not None:
+            raise ConfigError(": ".join(problem))
+
+
 def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
-    """Validate a nested dict (plus overrides) into a :class:`Config`."""
+    """Validate a nested dict (plus overrides) into a :class:`Config`: each section, then across them
+    (:func:`check_across_sections`)."""
     if raw is None:
         raw = {}
     require(isinstance(raw, dict), "params", "must be a mapping of sections")
-    return build(Config, apply_overrides(copy.deepcopy(raw), overrides))
+    cfg = build(Config, apply_overrides(copy.deepcopy(raw), overrides))
+    check_across_sections(cfg)
+    return cfg
 
 
 def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str] = ()) -> Config:

@@ -5,6 +5,8 @@ wrong checkpoint, an unknown solver or option). It is a ``ValueError``, so valid
 translation layer between "a bad value" and "a user error". The CLI and the stage scripts print its
 message as one line and exit with code 2 (:func:`one_line_errors`), and so do what the system refuses
 (:func:`user_message`: a file operation, memory); every other exception is a bug and keeps its traceback.
+A job stopped by SIGINT or SIGTERM after keeping its work raises :class:`Interrupted`: its one line says what is
+kept and how to resume, and the exit code is 128 + the signal's number, as a shell reports a process it ended.
 """
 
 import contextlib
@@ -26,6 +28,14 @@ def reports_errors() -> bool:
     """Whether this process prints user errors: rank 0 of a torchrun job (every rank exits with code 2),
     or a process outside torchrun."""
     return os.environ.get("RANK", "0") == "0"
+
+
+class Interrupted(Exception):
+    """A job that stopped on signal ``signum`` at a safe point; the message says what is kept and how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(one_line(message))
+        self.signum = signum
 
 
 class DebiasError(ValueError):
@@ -58,9 +68,13 @@ def user_message(err: BaseException) -> str | None:
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn a user error (:func:`user_message`) into one line on stderr (from rank 0 under torchrun) and exit
-    code 2 on every rank; a bug keeps its traceback."""
+    code 2 on every rank, an :class:`Interrupted` job into its line and 128 + its signal; a bug keeps its traceback."""
     try:
         yield
+    except Interrupted as stop:
+        if reports_errors():
+            print(stop, file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except (DebiasError, OSError, MemoryError, RuntimeError) as err:
         message = user_message(err)
         if message is None:

@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Union
+from typing import TypeVar, Union
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ def checked_images(images: Tensor | np.ndarray, what: str = "images") -> Tensor:
 
 # --------------------------------------------------------------------------- decoding one file
 
+Decoded = TypeVar("Decoded")  # what decode_image makes of an image
+
+
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason."""
 
@@ -86,7 +89,7 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
-def decode_image(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+def decode_image(path: Path, convert: Callable[[Image.Image], Decoded]) -> Decoded:
     """``convert(image)`` of the decoded file at ``path``. Raises :class:`BadImage` with the reason for
     any unusable file: not a regular file (a FIFO or device named *.png would block forever), empty,
     over PIL's pixel limit (a possible decompression bomb), or undecodable."""

@@ -1,8 +1,10 @@
 """Resolve what a user names as images: an .npz (images, an ADM batch, features or statistics), an image
-folder or a built-in dataset; and the FID reference of the pipeline (:func:`fid_reference`)."""
+folder or a built-in dataset; and the FID reference of the pipeline (:func:`fid_reference`), or the features the
+prepare stage stored of it, while they are still what the params would compute (:func:`stored_reference`)."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 
 from debias.config import DataConfig, EvalConfig
-from debias.data.datasets import DATASETS, load_dataset
+from debias.data.datasets import DATASETS, load_dataset, source_of
 from debias.errors import DebiasError
 from debias.images import ImageArray, load_images, open_npz_images, to_uint8
 from debias.metrics.features import Features, FeatureStats, load_features
@@ -79,3 +81,35 @@ def fid_reference(e: EvalConfig, training_set: Callable[[], torch.Tensor], spec:
     if max_images is None:
         return reference
     return reference.head(max_images) if isinstance(reference, ImageArray) else reference[:max_images]
+
+
+def reference_settings(e: EvalConfig, data: DataConfig) -> dict:
+    """What decides the images of the pipeline's FID reference: eval.reference, eval.reference_images and the data
+    params with, for a folder, the digest of its files (what tells a changed folder); as JSON reads it back. The
+    prepare stage records it with the reference features (:func:`stored_reference` compares it)."""
+    settings = {"reference": e.reference, "reference_images": e.reference_images, **source_of(data, fingerprint=True)}
+    return json.loads(json.dumps(settings))
+
+
+def stored_reference(path: Path, e: EvalConfig, data: DataConfig, weights_sha256: str,
+                     generated: torch.Tensor | ImageArray | Features | FeatureStats
+                     ) -> tuple[Features | None, str | None]:
+    """The reference features the prepare stage stored at ``path`` if the Inception weights ``weights_sha256``, the
+    reference settings of ``e`` and ``data`` (:func:`reference_settings`) and the image shape of ``generated`` are
+    the ones they were computed with — else None, to compute them as :func:`fid_reference` does — and a ``note:``
+    line that says which (None when ``path`` holds no features: no file, or an ADM batch's statistics)."""
+    if "features" not in _npz_arrays(path):
+        return None, None
+    try:
+        stored = load_features(path)
+    except DebiasError as err:
+        return None, f"note: computing the reference features; {err}"
+    shape = (list(generated.image_shape) if isinstance(generated, ImageArray) else
+             list(generated.shape[1:]) if isinstance(generated, torch.Tensor) else stored.meta.get("image_shape"))
+    same = {"Inception weights": stored.weights_sha256 == weights_sha256,
+            "reference settings": stored.meta.get("reference_settings") == reference_settings(e, data),
+            "image shape": stored.meta.get("image_shape") == shape}
+    differ = [what for what, equal in same.items() if not equal]
+    if differ:
+        return None, f"note: computing the reference features: {path} was made with other {' and '.join(differ)}"
+    return stored, f"note: using the reference features of {path} (the same Inception weights and reference settings)"

@@ -9,7 +9,8 @@ chunks; with other settings the old chunks are deleted first, never mixed in. Th
 assembled from the chunks as a stream (:func:`debias.images.write_images_npz`) and the chunk files removed.
 
 Under torchrun every rank samples its share of the missing chunks and writes them itself (nothing is
-gathered in memory); rank 0 assembles the output once all are written.
+gathered in memory); rank 0 assembles the output once all are written. SIGINT/SIGTERM (a
+:class:`~debias.stopping.StopRequest`) stops a rank before its next network call, keeping every finished chunk.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from debias.errors import DebiasError
+from debias.errors import DebiasError, Interrupted
 from debias.images import NPZ_LAYOUTS, save_png_folder, save_png_grid, write_images_npz
 from debias.io import atomic_folder, write_json
 from debias.npz import members, open_member, write_npz
 from debias.runtime import Ranks, on_main
 from debias.sampling import Sampling
+from debias.stopping import StopRequest, StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class ChunkStore:
     def path(self, r: range) -> Path:
         return self.folder / chunk_name(r.start, r.stop)
 
-    def _complete(self, r: range) -> bool:
+    def complete(self, r: range) -> bool:
         """The chunk file exists and holds the right number of samples (else it is sampled again)."""
         try:
             member = members(self.path(r)).get("samples")
@@ -76,7 +78,7 @@ class ChunkStore:
             write_json(recorded, self.settings)
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        return [(r.start, r.stop) for r in self.ranges if not self._complete(r)]
+        return [(r.start, r.stop) for r in self.ranges if not self.complete(r)]
 
     def save(self, r: range, samples: np.ndarray) -> None:
         write_npz(self.path(r), {"samples": samples})
@@ -106,14 +108,16 @@ def assemble(store: ChunkStore, out: Path, kind: str, shape: tuple[int, ...]) ->
 
 
 def sample_to_file(sampling: Sampling, steps: int, num_samples: int, out: Path, kind: str, chunk_dir: Path,
-                   chunk_size: int, progress: Callable[[int, int], None] | None = None, keep_chunks: bool = False) -> int:
+                   chunk_size: int, progress: Callable[[int, int], None] | None = None, keep_chunks: bool = False,
+                   stop: StopRequest | None = None) -> int:
     """Sample ``num_samples`` images at ``steps`` into ``out`` (of ``kind``, see :data:`KINDS`)
     through the chunk folder ``chunk_dir``; returns the number of chunks sampled by this call (all ranks).
 
     ``progress(done, total)`` counts this process's image steps. Every rank of a process
     group calls this; rank 0 writes ``out``, then deletes the chunk files unless ``keep_chunks`` (a job
     that writes several outputs keeps them until all are written: a kill during the last one must not
-    cost the others; :func:`clear_chunks`).
+    cost the others; :func:`clear_chunks`). A signal caught by ``stop`` ends sampling before the next network
+    call with :class:`~debias.errors.Interrupted`, naming the chunks on disk.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
@@ -129,10 +133,22 @@ def sample_to_file(sampling: Sampling, steps: int, num_samples: int, out: Path, 
     mine = [range(a, b) for a, b in missing[ranks.rank::ranks.world]]
     total = sum(len(r) for r in mine) * steps
     finished = 0
-    for r in mine:
-        report = None if progress is None else (lambda calls, _n, base=finished: progress(base + calls, total))
-        store.save(r, sampling.samples(steps, list(r), report).numpy())
-        finished += len(r) * steps
+
+    def report(calls: int, base: int) -> None:
+        if stop is not None:
+            stop.check()
+        if progress is not None:
+            progress(base + calls, total)
+
+    try:
+        for r in mine:
+            samples = sampling.samples(steps, list(r), lambda calls, _n, base=finished: report(calls, base))
+            store.save(r, samples.numpy())
+            finished += len(r) * steps
+    except StopRequested as stopped:
+        on_disk = sum(store.complete(r) for r in store.ranges)
+        raise Interrupted(stopped.signum, f"interrupted ({stopped}): {on_disk} of {len(store.ranges)} chunks of {out} "
+                                          f"are on disk in {chunk_dir}; run the same command again to resume") from None
     if ranks.world > 1:
         dist.barrier()
     if ranks.main:

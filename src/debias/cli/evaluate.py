@@ -33,22 +33,34 @@ def fid_command(
     """FID, sFID, KID and precision/recall of images against a reference, offline.
 
     The eval params of params.yaml (plus -S) apply, replaced by these options, so `debias fid
-    samples.npz` scores like the pipeline's evaluate stage. .npz images are read batch by batch."""
+    samples.npz` scores like the pipeline's evaluate stage. .npz images are read batch by batch. Without a
+    REFERENCE, the prepare stage's data/reference_features.npz is used while its Inception weights and reference
+    settings are these (a note says whether)."""
     from debias.data.datasets import load_dataset
     from debias.images import to_uint8
     from debias.io import write_json
     from debias.jobs.evaluate import score
+    from debias.metrics.inception import resolve_inception_weights
+    from debias.pipeline import REFERENCE_FEATURES
     from debias.progress import Progress
     from debias.runtime import on_devices
-    from debias.sources import fid_reference, image_source
+    from debias.sources import fid_reference, image_source, stored_reference
 
     cfg = load_params(params, set_)
     e = with_flags(cfg.eval, metrics=metrics or None, inception_weights=None if weights is None else str(weights),
                    kid_subset_size=kid_subset_size, pr_k=pr_k, reference_images=reference_images,
                    batch_size=batch_size, device=device)
     gen = image_source(generated, max_images=max_images)
-    ref = fid_reference(e, lambda: to_uint8(load_dataset(cfg.data).images), reference, like=gen, max_images=max_images)
+    ref, note = None, None
+    if reference is None and max_images is None:  # the pipeline's reference, which the prepare stage may have stored
+        sha256 = resolve_inception_weights(e.inception_weights).sha256
+        ref, note = stored_reference(REFERENCE_FEATURES, e, cfg.data, sha256, gen)
+    if ref is None:
+        ref = fid_reference(e, lambda: to_uint8(load_dataset(cfg.data).images), reference, like=gen,
+                            max_images=max_images)
     with on_devices(e.device, command_line()) as (ranks, this_device):
+        if note is not None and ranks.main:
+            typer.echo(note, err=True)
         with Progress("Inception features", "images", enabled=ranks.main) as progress:
             result = score(e, gen, ref, this_device, progress)
     if not ranks.main:

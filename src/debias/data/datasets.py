@@ -71,14 +71,21 @@ def center_crop_arr(im: Image.Image, image_size: int) -> np.ndarray:
     return arr[top:top + image_size, left:left + image_size]
 
 
-def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One file → (C, size, size) uint8, converted and centre-cropped. Raises :class:`BadImage` with the
-    reason for any unusable file (see :func:`debias.images.decode_image`)."""
+def channels_of(im: Image.Image) -> int:
+    """1 for a grey image (1-bit, 8-bit, 16/32-bit integer or float, with or without alpha), else 3."""
+    return 1 if im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I") else 3
+
+
+def read_image(path: Path, image_size: int, channels: int) -> tuple[np.ndarray, bool]:
+    """One file → (C, size, size) uint8, converted and centre-cropped, and whether its own colours were converted
+    (a grey file to RGB, a colour file to grey). Raises :class:`BadImage` with the reason for any unusable file
+    (see :func:`debias.images.decode_image`)."""
     mode = "L" if channels == 1 else "RGB"
-    arr = decode_image(path, lambda im: center_crop_arr(to_mode(im, mode), image_size))
+    arr, converted = decode_image(path, lambda im: (center_crop_arr(to_mode(im, mode), image_size),
+                                                    channels_of(im) != channels))
     if min(arr.shape[:2]) < image_size:
         raise BadImage(f"too small to crop to {image_size}x{image_size}")
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), converted
 
 
 # --------------------------------------------------------------------------- folders
@@ -122,16 +129,16 @@ def _report_skipped(root: Path, skipped: list[tuple[str, str]], total: int) -> N
                 one_line(shown), more)
 
 
-def _read_or_reason(path: Path, image_size: int, channels: int) -> np.ndarray | BadImage:
+def _read_or_reason(path: Path, image_size: int, channels: int) -> tuple[np.ndarray, bool] | BadImage:
     try:
         return read_image(path, image_size, channels)
     except BadImage as err:
         return err
 
 
-def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[list[np.ndarray | BadImage]]:
-    """Each run of ``_CHUNK`` files decoded, in order: the image or the reason it is bad, per file; decoded by a
-    thread pool (PIL releases the GIL), one run at a time."""
+def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[list[tuple[np.ndarray, bool] | BadImage]]:
+    """Each run of ``_CHUNK`` files decoded, in order: (the image, whether its colours were converted) or the reason
+    it is bad, per file; decoded by a thread pool (PIL releases the GIL), one run at a time."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(files), _CHUNK):
             yield list(pool.map(lambda f: _read_or_reason(f, image_size, channels), files[start:start + _CHUNK]))
@@ -140,12 +147,13 @@ def _decoded(files: list[Path], image_size: int, channels: int) -> Iterator[list
 def decode_files(root: Path, files: list[Path], image_size: int, channels: int, on_error: str,
                  labels: list[int] | None = None, limit: int | None = None) -> ImageBlocks:
     """``files`` decoded into blocks of (n, C, size, size) uint8, dropping (or, with ``on_error: fail``, failing on)
-    unreadable ones and stopping after ``limit`` readable images; no readable image at all is an error."""
+    unreadable ones and stopping after ``limit`` readable images; no readable image at all is an error. Once
+    decoded, one line notes how many grey files became RGB, or colour files grey."""
     limit = min(len(files), limit or len(files))
     skipped: list[tuple[str, str]] = []
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        kept = 0
+        kept = converted = 0
         with warnings.catch_warnings():
             # read_image enforces the pixel limit itself, so PIL's warning only adds noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -159,7 +167,8 @@ def decode_files(root: Path, files: list[Path], image_size: int, channels: int, 
                             raise DebiasError(f"cannot read image {files[i]}: {image}")
                         skipped.append((files[i].relative_to(root).as_posix(), str(image)))
                         continue
-                    images.append(image)
+                    images.append(image[0])
+                    converted += image[1]
                     rows.append(i)
                 if images:
                     kept += len(images)
@@ -171,6 +180,10 @@ def decode_files(root: Path, files: list[Path], image_size: int, channels: int, 
                               f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
         if skipped:
             _report_skipped(root, skipped, len(files))
+        if converted:
+            log.info("note: %d of the %d images of %s are %s; converted to %s (data.channels: %d)", converted, kept,
+                     one_line(str(root)), "grey" if channels == 3 else "in colour", "RGB" if channels == 3 else "grey",
+                     channels)
 
     return ImageBlocks(limit, (channels, image_size, image_size), blocks(), skipped=skipped)
 

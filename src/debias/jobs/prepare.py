@@ -1,7 +1,8 @@
 """Job `prepare`: the training set as one uint8 array (a prepared set, :mod:`debias.data.prepared`, written
 block by block as it is decoded), and the FID reference — Inception pool and sFID
 features of a fixed random subset of the training set (or of eval.reference), or the statistics an ADM
-reference batch holds instead of images — on every visible GPU."""
+reference batch holds instead of images — on every visible GPU. The features record what made them (the
+Inception weights, :func:`debias.sources.reference_settings`), so that `debias fid` reuses them while they hold."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from debias.metrics.inception import resolve_inception_weights
 from debias.pipeline import PREPARED, REFERENCE_FEATURES
 from debias.progress import Progress
 from debias.runtime import on_devices
-from debias.sources import fid_reference
+from debias.sources import fid_reference, reference_settings
 
 
 def prepare(cfg: Config, prepared: Path, reference_features: Path, argv: list[str]) -> None:
@@ -44,7 +45,8 @@ def prepare(cfg: Config, prepared: Path, reference_features: Path, argv: list[st
         if ranks.main:
             save_features(reference_features, features["2048"], {
                 "weights_sha256": weights.sha256, "weights_source": weights.source, "image_shape": list(shape),
-                "dataset": e.reference or cfg.data.name, "count": len(reference)}, spatial=features["spatial"])
+                "dataset": e.reference or cfg.data.name, "count": len(reference),
+                "reference_settings": reference_settings(e, cfg.data)}, spatial=features["spatial"])
 
 
 def prepare_stage(cfg: Config, argv: list[str]) -> None:

@@ -17,6 +17,7 @@ from debias.posthoc import sampling_checkpoint
 from debias.progress import Progress
 from debias.runtime import Ranks, on_devices
 from debias.sampling import load_sampling, plan_for
+from debias.stopping import StopRequest
 from debias.streaming import clear_chunks, remove_chunks, sample_to_file
 
 
@@ -32,15 +33,16 @@ def sample_images(s: SampleConfig, solver: str, checkpoint: Path, outputs: Mappi
     ``class_labels`` and ``float32`` (:func:`debias.sampling.plan_for`). ``kind`` is the output kind
     (:data:`debias.streaming.KINDS`). Chunk files are kept until every output is written (a kill during the
     last one costs none of the others); then the folders are emptied (``keep_chunk_folders``: the pipeline's
-    persistent outs) or removed.
+    persistent outs) or removed. SIGINT/SIGTERM stops before the next network call, the chunks on disk kept
+    (:class:`~debias.errors.Interrupted`; a rerun resumes from them).
     """
     plan = plan_for(solver, s, class_labels=class_labels, float32=float32, **(overrides or {}))
-    with sampling_checkpoint(checkpoint, s.ema_std) as path:
+    with sampling_checkpoint(checkpoint, s.ema_std) as path, StopRequest() as stop:
         sampling = load_sampling(path, plan, list(outputs), s.num_samples, init_noise=init_noise, device=str(device))
         for steps, out in outputs.items():
             with Progress(f"{label or solver} {steps} steps", "image steps", enabled=ranks.main) as progress:
                 sample_to_file(sampling, steps, s.num_samples, out, kind, chunks[steps], s.chunk_size, progress,
-                               keep_chunks=True)
+                               keep_chunks=True, stop=stop)
     if ranks.main:
         for folder in chunks.values():
             (clear_chunks if keep_chunk_folders else remove_chunks)(folder)

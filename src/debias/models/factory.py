@@ -13,6 +13,7 @@ from debias.config import Config, ConfigError, ModelConfig
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.targets import check_target
 from debias.errors import DebiasError
+from debias.limits import unet_problem
 from debias.models.unet import UNetModel
 
 
@@ -21,17 +22,14 @@ def unet_kwargs(model: ModelConfig, image_size: int, channels: int, num_classes:
 
     ``model.attention_resolutions`` are feature-map SIDES (e.g. ``[16]`` = at 16×16); each must be one
     of the UNet's level sizes ``image_size // 2 ** level``, and becomes upstream's downsample RATE.
-    The constructor's own checks (e.g. heads that do not divide) run on the meta device, without
-    allocating a weight. Raises :class:`ConfigError` naming the problem.
+    The shape checks are :func:`debias.limits.unet_problem`'s (which config.py runs when params are loaded); the
+    constructor's own run on the meta device, without allocating a weight. Raises :class:`ConfigError`
+    naming the problem.
     """
-    levels = len(model.channel_mult)
-    if image_size % 2 ** (levels - 1):
-        raise ConfigError(f"model: image size {image_size} cannot be halved {levels - 1} times")
-    level_sizes = [image_size // 2**level for level in range(levels)]
-    for res in model.attention_resolutions:
-        if res not in level_sizes:
-            raise ConfigError(f"model: attention resolution {res} never occurs in this UNet "
-                              f"(its feature maps are {level_sizes})")
+    problem = unet_problem(image_size, model.model_channels, model.channel_mult, model.attention_resolutions,
+                           model.num_head_channels)
+    if problem is not None:
+        raise ConfigError(": ".join(problem))
     kwargs = dict(
         image_size=image_size,
         in_channels=channels,

@@ -14,9 +14,9 @@ Every solver is a function
 - ``progress(done, total)``: called after every network evaluation, or None.
 
 :data:`SOLVERS` names every solver with the options it takes (their defaults and checks are the
-catalogue's, :data:`debias.catalog.SOLVER_OPTIONS`), the spacing it uses by default and the module that
-implements it: ``debias.solvers.<module>``, imported by :func:`solver_function` only when the solver
-runs. So a process that samples with DDIM executes ``ddim.py`` and no other solver, and dvc.yaml makes
+catalogue's, :data:`debias.catalog.SOLVER_OPTIONS`, as is its default grid, :data:`debias.catalog.SOLVER_SPACINGS`)
+and the module that implements it: ``debias.solvers.<module>``, imported by :func:`solver_function` only when
+the solver runs. So a process that samples with DDIM executes ``ddim.py`` and no other solver, and dvc.yaml makes
 ``solvers/<name>.py`` a dependency of ``sample@<name>`` alone (``dpmsolver++.py`` is a link to
 ``dpmsolver.py``: one algorithm in its two forms). :func:`sample` builds the grid and runs a solver by
 name. Solvers run under ``torch.inference_mode()``.
@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from debias import catalog
-from debias.catalog import SOLVER_OPTIONS, check_registry, option_problem
+from debias.catalog import MULTISTEP_SOLVERS, SOLVER_OPTIONS, SOLVER_SPACINGS, check_registry, option_problem
 from debias.diffusion.schedule import Schedule
 from debias.errors import DebiasError
 from debias.solvers.denoiser import Denoiser
@@ -43,32 +43,26 @@ from debias.solvers.noise import SampleNoise
 @dataclass(frozen=True)
 class Solver:
     """A registered solver: where it lives (``function`` of ``debias.solvers.<module>``, called with the
-    ``fixed`` keyword arguments), the options it takes, the spacing it uses by default, whether it takes
-    diffusers' multistep variant of the discrete spacings, the code the original ran it with
+    ``fixed`` keyword arguments), the options it takes, the code the original ran it with
     (``guided-diffusion``'s GaussianDiffusion, or ``dpm-solver``: DPM_solver.py / UniPC.py), and when it
     draws fresh noise."""
 
     module: str
     function: str
     options: tuple[str, ...]
-    spacing: str
-    multistep: bool
     family: str
     stochastic: Callable[[Mapping[str, Any]], bool] = lambda options: False
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
 
-# the default spacings are the measured best of every spacing, by FID on the embedded default at 20 steps and
-# by the error against the exact answer on Gaussian data (benchmarks/grid_choice.py; the table is in README.md)
 SOLVERS: dict[str, Solver] = {
-    "ddpm": Solver("ddpm", "ddpm", (), "time_quadratic", False, "guided-diffusion", stochastic=lambda options: True),
-    "ddim": Solver("ddim", "ddim", ("eta",), "trailing", False, "guided-diffusion",
-                   stochastic=lambda options: options["eta"] > 0),
-    "dpmsolver": Solver("dpmsolver", "dpm_solver", ("order", "lower_order_final"), "linspace", True, "dpm-solver",
+    "ddpm": Solver("ddpm", "ddpm", (), "guided-diffusion", stochastic=lambda options: True),
+    "ddim": Solver("ddim", "ddim", ("eta",), "guided-diffusion", stochastic=lambda options: options["eta"] > 0),
+    "dpmsolver": Solver("dpmsolver", "dpm_solver", ("order", "lower_order_final"), "dpm-solver",
                         fixed={"algorithm": "dpmsolver"}),
-    "dpmsolver++": Solver("dpmsolver", "dpm_solver", ("order", "lower_order_final"), "linspace", True, "dpm-solver",
+    "dpmsolver++": Solver("dpmsolver", "dpm_solver", ("order", "lower_order_final"), "dpm-solver",
                           fixed={"algorithm": "dpmsolver++"}),
-    "unipc": Solver("unipc", "unipc", ("order", "variant"), "linspace", True, "dpm-solver"),
+    "unipc": Solver("unipc", "unipc", ("order", "variant"), "dpm-solver"),
 }
 check_registry(SOLVERS, catalog.SOLVERS, "solver")
 
@@ -114,9 +108,10 @@ def solver_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def solver_grid(name: str, schedule: Schedule, steps: int, spacing: str | None = None, *,
                 denoise_to_zero: bool = True, tables: str = "float64") -> Grid:
-    """The grid solver ``name`` walks for ``steps`` network calls (``spacing`` None: the solver's default)."""
-    solver = get_solver(name)
-    return make_grid(schedule, steps, spacing or solver.spacing, multistep=solver.multistep,
+    """The grid solver ``name`` walks for ``steps`` network calls (``spacing`` None: the solver's default,
+    :data:`debias.catalog.SOLVER_SPACINGS`)."""
+    get_solver(name)
+    return make_grid(schedule, steps, spacing or SOLVER_SPACINGS[name], multistep=name in MULTISTEP_SOLVERS,
                      denoise_to_zero=denoise_to_zero, tables=tables)
 
 

@@ -31,12 +31,12 @@ from __future__ import annotations
 from typing import Any
 
 from debias import catalog
-from debias.catalog import check_registry
+from debias.catalog import PRESET_GRIDS, check_registry
 from debias.errors import DebiasError
 
-_DPM = dict(spacing="time_uniform", denoise_to_zero=False, clip_x0=False, arithmetic="upstream", order=2,
-            lower_order_final=10)
-_GUIDED_DIFFUSION = dict(spacing="even", denoise_to_zero=True, clip_x0=True, arithmetic="upstream")
+# the settings beyond the grid (spacing, denoise_to_zero: the catalogue's PRESET_GRIDS, which config.py checks)
+_DPM = dict(clip_x0=False, arithmetic="upstream", order=2, lower_order_final=10)
+_GUIDED_DIFFUSION = dict(clip_x0=True, arithmetic="upstream")
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "none": {},
@@ -45,15 +45,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "ddim": {**_GUIDED_DIFFUSION, "eta": 0.0},
         "dpmsolver": _DPM,
         "dpmsolver++": _DPM,
-        "unipc": dict(spacing="time_uniform", denoise_to_zero=False, clip_x0=False, arithmetic="upstream", order=3,
-                      variant="bh1"),
+        "unipc": dict(clip_x0=False, arithmetic="upstream", order=3, variant="bh1"),
     },
 }
 check_registry(PRESETS, catalog.PRESETS, "preset")
+check_registry(PRESET_GRIDS, catalog.PRESETS, "preset grid")
 
 
 def preset_settings(preset: str, solver: str) -> dict[str, Any]:
-    """The settings preset ``preset`` fixes for ``solver`` (empty for ``none``)."""
+    """The settings preset ``preset`` fixes for ``solver``, its grid included (empty for ``none``)."""
     if preset not in PRESETS:
         raise DebiasError(f"unknown sampling preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[preset].get(solver, {}))
+    return {**PRESET_GRIDS[preset].get(solver, {}), **PRESETS[preset].get(solver, {})}

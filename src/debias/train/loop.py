@@ -4,7 +4,8 @@ Timesteps, noise and flips are drawn for the whole global batch from checkpointe
 (:mod:`debias.train.state`) and sliced by rank, and the data order depends only on (seed, step). A
 run killed at any moment and restarted therefore ends with the same weights as an uninterrupted one
 (bitwise on CPU), and N processes under torchrun compute the same gradients as one process with
-the same global batch (up to reduction order). Files (rank 0 only): :mod:`debias.train.rundir`
+the same global batch (up to reduction order); SIGINT/SIGTERM stops it after a step all ranks agree on, with a
+checkpoint there (:mod:`debias.stopping`). Files (rank 0 only): :mod:`debias.train.rundir`
 (checkpoints every ``train.checkpoint_every`` steps and at the end, snapshots at
 ``train.snapshot_steps``) and :mod:`debias.train.logs`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +33,13 @@ from debias.diffusion.densities import TimestepDensity
 from debias.diffusion.objective import Objective, recipe_weight_table
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.uncertainty import UncertaintyHead, WithUncertainty
-from debias.errors import DebiasError, one_line
+from debias.errors import DebiasError, Interrupted, one_line
+from debias.limits import training_notes
 from debias.models.factory import unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.progress import Progress
 from debias.runtime import Ranks, autocast_dtype, compile_static, on_main, prepare_network, processes
+from debias.stopping import AgreedStop
 from debias.train.logs import MetricLogs
 from debias.train.rundir import RunDir
 from debias.train.state import EMA, cpu_state, ema_decays, make_generators
@@ -220,9 +224,10 @@ class Trainer:
 
     # ---- the loop
 
-    def fit(self, run: RunDir, start: int, end: int, progress: bool,
+    def fit(self, run: RunDir, start: int, end: int, progress: bool, stop: AgreedStop,
             on_step: Callable[[int], None] | None = None) -> int:
-        """Steps ``start`` … ``end`` with logging, snapshots and checkpoints into ``run``; returns the last step."""
+        """Steps ``start`` … ``end`` with logging, snapshots and checkpoints into ``run``, or until the ranks agree to
+        ``stop`` (then with a checkpoint at that step); returns the last step."""
         tc, main = self.cfg.train, self.ranks.main
         snapshot_steps = set(tc.snapshot_steps)
         phema = tc.ema == "phema"
@@ -232,10 +237,11 @@ class Trainer:
             for k in range(start, end):
                 self.step(k)
                 step, timed_steps = k + 1, timed_steps + 1
+                stopping = stop.after_step()
                 due_log = step % tc.log_every == 0 or step == tc.steps
                 due_snapshot = step in snapshot_steps
                 due_profiles = phema and (step % tc.phema_every == 0 or step == tc.steps)
-                due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps
+                due_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps or stopping
                 if due_log or due_snapshot or due_checkpoint or due_profiles:
                     self._stop_if_non_finite(run)
                 if due_log:
@@ -255,6 +261,8 @@ class Trainer:
                 bar.update(step, tc.steps)
                 if on_step is not None:
                     on_step(step)
+                if stopping:
+                    break
         return step
 
     def _stop_if_non_finite(self, run: RunDir) -> None:
@@ -291,7 +299,9 @@ def train(cfg: Config, out_dir: str | Path, dataset: ImageDataset | PreparedSet,
     global step as a kill would (tests); ``on_step(step)`` is called after every step; ``log_dir``
     (default ``out_dir``) receives the TSV logs.
     Under torchrun (WORLD_SIZE > 1) every rank calls this and rank 0 writes the files.
-    Raises :class:`DebiasError` for bad input, a locked ``out_dir``, or a non-finite loss.
+    Raises :class:`DebiasError` for bad input, a locked ``out_dir``, or a non-finite loss, and
+    :class:`Interrupted` after SIGINT/SIGTERM, once the step the ranks agree on is checkpointed
+    (:class:`debias.stopping.AgreedStop`).
     """
     began = time.perf_counter()
     run = RunDir(Path(out_dir), Path(log_dir or out_dir))
@@ -322,13 +332,18 @@ def train(cfg: Config, out_dir: str | Path, dataset: ImageDataset | PreparedSet,
                 run.log_dir.mkdir(parents=True, exist_ok=True)
                 run.remove_leftovers(fresh=start == 0)
                 trainer.logs.start()
-                beyond = [s for s in cfg.train.snapshot_steps if s > cfg.train.steps]
-                if beyond:
-                    log.warning("note: train.snapshot_steps %s lie beyond train.steps=%d; no snapshot is kept there",
-                                ", ".join(map(str, beyond)), cfg.train.steps)
+                for note in training_notes(cfg.train.steps, cfg.train.warmup_steps, cfg.train.snapshot_steps):
+                    log.warning("%s", note)
             end = cfg.train.steps if stop_after is None else max(start, min(cfg.train.steps, stop_after))
+            stop = AgreedStop(ranks)
             try:
-                step = trainer.fit(run, start, end, progress, on_step)
+                with stop.request:
+                    step = trainer.fit(run, start, end, progress, stop, on_step)
             finally:
                 trainer.batches.close()
+                stop.close()
+    if stop.signum is not None and step < end:  # (a signal during the last step lets the run end)
+        raise Interrupted(stop.signum, f"interrupted ({signal.Signals(stop.signum).name}) at step {step} of "
+                                       f"{cfg.train.steps}: {run.checkpoint} holds it; run the same command again "
+                                       "to resume")
     return TrainResult(run.checkpoint, step, start, trainer.logs.last_loss, time.perf_counter() - began, ranks.main)
