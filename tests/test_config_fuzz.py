@@ -110,7 +110,7 @@ def stub_train(monkeypatch, workdir):
     """`debias train` with everything after validation (and the model-shape check) stubbed out."""
     calls = []
 
-    def fake_train(cfg, out, **kwargs):
+    def fake_train(cfg, out, dataset, **kwargs):
         unet_kwargs_for(cfg, 10 if cfg.data.class_cond else None)
         calls.append(cfg)
         return loop.TrainResult(checkpoint=Path(out) / "checkpoint.pt", step=0, start_step=0, loss=None,

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import debias.diffusion.objective as objective
 import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
 from debias.diffusion.schedule import Schedule
@@ -147,7 +148,7 @@ def test_a_warmup_longer_than_training_is_a_note_at_the_start_and_from_debias_co
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = loop.diffusion_loss, []
+    real, calls = objective.diffusion_loss, []
 
     def poisoned(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -156,7 +157,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    monkeypatch.setattr(objective, "diffusion_loss", poisoned)
     with pytest.raises(DebiasError, match=r"non-finite loss at step 7; last good checkpoint kept at .*checkpoint\.pt"):
         train(tiny(), tmp_path, progress=False)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)

@@ -332,5 +332,6 @@ def training_set(cfg: DataSpec, prepared_root: Path) -> ImageDataset | PreparedS
                 return prepared
         except DebiasError:
             pass
+        blocks = folder_blocks(cfg)  # a missing or empty folder is refused before anything is written
         log.info("note: preparing %s into %s", one_line(str(cfg.path)), folder)
-        return write_prepared(folder, folder_blocks(cfg), source)
+        return write_prepared(folder, blocks, source)
