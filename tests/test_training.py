@@ -15,7 +15,6 @@ import torch
 import yaml
 
 import debias.diffusion.objective as objective
-import debias.train.loop as loop
 from debias.checkpoints import load_checkpoint
 from debias.diffusion.schedule import Schedule
 from debias.diffusion.weighting import weight_table
