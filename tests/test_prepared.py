@@ -129,7 +129,7 @@ def forge(folder: Path, case: str) -> None:
         with open(images, "r+b") as f:
             f.truncate(images.stat().st_size - 10)
     elif case == "huge shape":  # a header that claims 10^15 bytes in a small file
-        header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': (1000000000, 3, 1000, 333), }}"
+        header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1000000000, 3, 1000, 333), }"
         raw = b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little") + header.ljust(HEADER_BYTES - 11).encode() + b"\n"
         images.write_bytes(raw + images.read_bytes()[HEADER_BYTES:])
     elif case == "dtype":
