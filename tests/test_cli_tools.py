@@ -193,6 +193,19 @@ def test_prune_removes_only_the_states_of_other_recipes(tmp_path, monkeypatch):
     assert_one_line_error(cli("prune", "--dir", tmp_path / "nowhere"))
 
 
+def test_prune_finds_the_states_where_every_workspace_puts_them(tmp_path, monkeypatch):
+    """Without --dir, prune looks where the train stage writes: $DEBIAS_STATES (from the project's root,
+    DVC_ROOT under DVC), else checkpoints/ of the root."""
+    for name in ("main/checkpoints/p2-eps-00000000", "scratch/constant-eps-00000000"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"state")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "main"))
+    assert f"would remove {tmp_path}/main/checkpoints/p2-eps-00000000" in cli("prune", "--dry-run").output
+    monkeypatch.setenv("DEBIAS_STATES", "../scratch")
+    assert f"would remove {tmp_path}/main/../scratch/constant-eps-00000000" in cli("prune", "--dry-run").output
+
+
 def test_info_lists_every_registry_beyond_the_paper_included():
     result = cli("info")
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ MAX_LINES = 350
 # a module may import modules of its own layer or a lower one, never a higher one
 LAYERS = [
     {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress",
-     "debias.config", "debias.seeds"},  # the ground floor: configuration imports no implementation
+     "debias.config", "debias.seeds", "debias.locks"},  # the ground floor: configuration imports no implementation
     {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline"},
     {"debias.models", "debias.models.layers", "debias.models.unet", "debias.solvers", "debias.checkpoints",
      "debias.data", "debias.metrics", "debias.posthoc"},
