@@ -21,7 +21,7 @@ MAX_LINES = 350
 LAYERS = [
     {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress",
      "debias.config", "debias.seeds", "debias.locks"},  # the ground floor: configuration imports no implementation
-    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline"},
+    {"debias.diffusion", "debias.gpus", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline"},
     {"debias.models", "debias.models.layers", "debias.models.unet", "debias.solvers", "debias.checkpoints",
      "debias.data", "debias.metrics", "debias.posthoc"},
     {"debias.models.factory", "debias.sampling", "debias.streaming", "debias.sources", "debias.convert",

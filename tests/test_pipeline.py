@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from debias.checkpoints import load_checkpoint
@@ -389,6 +390,101 @@ def test_another_recipe_never_erases_a_training_state(project):
     assert f"resuming at step {MICRO['train']['steps']}" in longer.stdout + longer.stderr
     resumed = (project / "logs" / "train_log.tsv").read_text()
     assert resumed.startswith(log) and len(resumed.splitlines()) == len(log.splitlines()) + 2
+
+
+def stage_workspace(project: Path, folder: Path, weighting: str = "debias", **train) -> Path:
+    """A bare workspace of the micro project, as DVC makes for an experiment: its stages, data/prepared and
+    params (micro, with ``weighting`` and ``train`` changed)."""
+    shutil.copytree(project / "stages", folder / "stages")
+    shutil.copytree(project / "data" / "prepared", folder / "data" / "prepared")
+    values = yaml.safe_load((project / "params.yaml").read_text())
+    values["weighting"] = weighting
+    values["train"].update({**MICRO["train"], **train})
+    (folder / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return folder
+
+
+def start_stage(folder: Path, command: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+    """A stage started in ``folder``; its stderr goes to a file, read while it runs."""
+    log = folder / "stage.log"
+    with open(log, "w") as err:
+        return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=err, env=env), log
+
+
+def wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 300) -> re.Match:
+    """The first match of ``pattern`` in a running stage's log."""
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(pattern, log.read_text())):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return found
+
+
+def test_two_runs_of_one_recipe_in_two_workspaces_take_turns(project, tmp_path):
+    """The train stage of one recipe in two workspaces at once (DVC_ROOT: the main one, as for a `--temp`
+    copy): the second waits for the first (it says so), then finds the state trained and exports the same
+    model. The lock holds across workspaces, and no state is written by two runs."""
+    env = {**os.environ, "DVC_ROOT": str(tmp_path / "main"), "OMP_NUM_THREADS": "1"}
+    first, second = (stage_workspace(project, tmp_path / name, steps=90, checkpoint_every=30) for name in ("a", "b"))
+    procs = []
+    try:
+        a, a_log = start_stage(first, [sys.executable, "stages/train.py"], env)
+        procs.append(a)
+        while not (first / "logs" / "train_log.tsv").exists():  # written once it holds the lock
+            assert a.poll() is None, a_log.read_text()
+            time.sleep(0.2)
+        b, b_log = start_stage(second, [sys.executable, "stages/train.py"], env)
+        procs.append(b)
+        wait_for(r"note: another training run holds \S+; waiting for it to finish", b_log, b)
+        assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0, b_log.read_text()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert re.search(r"checkpoint\.pt: already trained at step 90 of 90", b_log.read_text()), b_log.read_text()
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "main" / "checkpoints").iterdir()] == ["debias-eps"]
+    models = [load_checkpoint(folder / "models" / "model.pt") for folder in (first, second)]
+    assert models[0].step == models[1].step == 90
+    assert all(torch.equal(models[0].model[k], models[1].model[k]) for k in models[0].model)
+
+
+# two GPUs as NVML counts them before CUDA starts: those CUDA_VISIBLE_DEVICES lists, else two
+SIMULATED_GPUS = """import os, runpy, sys
+import torch
+torch.cuda.device_count = lambda: len(os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(","))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_concurrent_experiments_claim_disjoint_gpus(project, tmp_path):
+    """DEBIAS_GPUS_PER_EXPERIMENT=1 on a node of two (simulated) GPUs: the train stages of two experiments running
+    at once, each in its own workspace, claim one GPU each — never the same one — before CUDA starts; a third
+    waits while both are taken and gets the GPU that the first frees when it is killed. (Without CUDA here
+    each then trains on the CPU.)"""
+    (tmp_path / "simulated_gpus.py").write_text(SIMULATED_GPUS)
+    env = {**os.environ, "DEBIAS_GPUS_PER_EXPERIMENT": "1", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    claimed = r"note: GPU\(s\) (\S+) claimed for this experiment"
+    procs, claims = [], {}
+    try:
+        for weighting in ("constant", "p2", "min_snr"):
+            folder = stage_workspace(project, tmp_path / weighting, weighting, steps=100000, checkpoint_every=100000,
+                                     devices="auto")
+            proc, log = start_stage(folder, [sys.executable, str(tmp_path / "simulated_gpus.py"), "stages/train.py"], env)
+            procs.append(proc)
+            if weighting != "min_snr":
+                claims[weighting] = wait_for(claimed, log, proc).group(1)
+        assert sorted(claims.values()) == ["0", "1"], claims
+        wait_for(r"note: waiting for 1 of the GPUs 0,1 to be free", log, proc)
+        assert not re.search(claimed, log.read_text())
+        procs[0].kill()
+        assert wait_for(claimed, log, proc, timeout=60).group(1) == claims["constant"]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
