@@ -193,6 +193,36 @@ def test_prune_removes_only_the_states_of_other_recipes(tmp_path, monkeypatch):
     assert_one_line_error(cli("prune", "--dir", tmp_path / "nowhere"))
 
 
+def test_prune_finds_the_states_where_every_workspace_puts_them(tmp_path, monkeypatch):
+    """Without --dir, prune looks where the train stage writes: $DEBIAS_STATES (from the project's root,
+    DVC_ROOT under DVC), else checkpoints/ of the root."""
+    for name in ("main/checkpoints/p2-eps-00000000", "scratch/constant-eps-00000000"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"state")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "main"))
+    assert f"would remove {tmp_path}/main/checkpoints/p2-eps-00000000" in cli("prune", "--dry-run").output
+    monkeypatch.setenv("DEBIAS_STATES", "../scratch")
+    assert f"would remove {tmp_path}/main/../scratch/constant-eps-00000000" in cli("prune", "--dry-run").output
+
+
+def test_sweep_queues_every_combination_named_by_its_recipe(tmp_path, monkeypatch):
+    """`debias sweep` expands -S grids as `dvc exp run --queue` does and names each experiment by its recipe and
+    its other params; a bad value, an unknown key or another params file is one line before anything is queued."""
+    from debias.config import config_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(json.dumps(config_from_dict({}).to_dict()))
+    dry = cli("sweep", "--dry-run", "-S", "weighting=constant,p2", "-S", "target=x0", "-S", "train.steps=70,140")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines() == [
+        f"dvc exp run --queue -n {w}-x0-train.steps={n} -S weighting={w} -S target=x0 -S train.steps={n}"
+        for w in ("constant", "p2") for n in (70, 140)]
+    assert cli("sweep", "--dry-run", "-S", "sample.ema_std=0.05").output.split()[5] == "debias-eps-sample.ema_std=0.05"
+    for bad in (["weighting=nope,p2"], ["train.stepz=3"], ["other.yaml:x=1"], ["weighting=constant,"]):
+        assert_one_line_error(cli("sweep", "--dry-run", *(a for o in bad for a in ("-S", o))))
+
+
 def test_info_lists_every_registry_beyond_the_paper_included():
     result = cli("info")
     assert result.exit_code == 0, result.output

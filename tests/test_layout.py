@@ -20,8 +20,8 @@ MAX_LINES = 350
 # a module may import modules of its own layer or a lower one, never a higher one
 LAYERS = [
     {"debias", "debias.errors", "debias.io", "debias.schema", "debias.npz", "debias.catalog", "debias.progress",
-     "debias.config", "debias.seeds", "debias.limits"},  # the ground floor: configuration imports no implementation
-    {"debias.diffusion", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline",
+     "debias.config", "debias.seeds", "debias.limits", "debias.locks"},  # the ground floor: configuration imports no implementation
+    {"debias.diffusion", "debias.gpus", "debias.runtime", "debias.images", "debias.figures", "debias.phema", "debias.pipeline",
      "debias.stopping"},
     {"debias.models", "debias.models.layers", "debias.models.unet", "debias.solvers", "debias.checkpoints",
      "debias.data", "debias.metrics", "debias.posthoc"},

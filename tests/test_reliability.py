@@ -803,4 +803,4 @@ def test_second_debias_train_on_one_folder_is_refused(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    RunDir(out, out)._lock().close()  # free again: the killed process's lock went with it
+    os.close(RunDir(out, out)._lock())  # free again: the killed process's lock went with it

@@ -2,13 +2,15 @@
 
 The scripts in ``stages/`` are shims: ``run_stage(job)`` reads params.yaml and calls one function of
 :mod:`debias.jobs` with the stage's arguments; the job reads and writes exactly the paths below
-(relative to the repository root), which are the deps and outs dvc.yaml declares. This module imports
-no implementation, so a stage's import closure — its dvc.yaml deps — is what its job runs.
+(relative to the repository root), which are the deps and outs dvc.yaml declares — except the training
+states, :func:`training_states`, which every workspace of the project shares and DVC does not track.
+This module imports no implementation, so a stage's import closure — its dvc.yaml deps — is what its job runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,8 @@ from debias.errors import one_line_errors
 PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared")  # a prepared set: images.npy (a memory map), labels.npy, meta.json
 REFERENCE_FEATURES = Path("data/reference_features.npz")
-CHECKPOINTS = Path("checkpoints")
+CHECKPOINTS = Path("checkpoints")  # the training states' folder in the main workspace, unless DEBIAS_STATES
+STATES_ENV = "DEBIAS_STATES"
 CHUNKS = Path("chunks")
 MODEL = Path("models/model.pt")
 SNAPSHOTS = Path("models/snapshots")
@@ -30,6 +33,18 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 FIGURES = Path("plots/figures")
 REPORTS = Path("reports")
+
+
+def training_states() -> Path:
+    """The folder of the training states, ``<recipe>/`` each: ``$DEBIAS_STATES`` if set (a relative path is
+    taken from the project's root), else ``checkpoints/`` of the project's main workspace.
+
+    DVC runs a ``--temp`` or queued experiment in a fresh git repository under ``.dvc/tmp/exps/`` and sets
+    ``DVC_ROOT`` to the main workspace for its stages (to the workspace itself under ``dvc repro`` and
+    ``dvc exp run``), so every run of a recipe finds the same folder, wherever it runs; outside DVC the
+    root is the current folder."""
+    root = Path(os.environ.get("DVC_ROOT") or ".")
+    return root / Path(os.environ.get(STATES_ENV) or CHECKPOINTS).expanduser()
 
 
 def metrics_file(solver: str) -> Path:

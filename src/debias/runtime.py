@@ -10,7 +10,7 @@ One policy for training, sampling, FID and analysis:
   CUDA, gloo on the CPU) — :func:`processes`; work is split into contiguous, balanced shards and
   gathered back in order — :func:`shard_bounds`, :func:`gather_shards` — so N processes give what one
   process gives; a job started by hand on a multi-GPU node relaunches itself under torchrun —
-  :func:`relaunch_on_all_gpus`.
+  :func:`relaunch_on_all_gpus` — on every visible GPU, or on its share of them (:mod:`debias.gpus`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from debias.catalog import PRECISIONS, check_registry
 from debias.errors import DebiasError
+from debias.gpus import claim_gpus
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,12 @@ def on_main(compute: Callable[[], Any], ranks: Ranks, share: bool = True) -> Any
 
 def relaunch_on_all_gpus(devices: str, args: list[str]) -> None:
     """With ``devices`` cuda/auto and several visible GPUs, replace this process by torchrun running
-    ``python <args>`` once per GPU; otherwise (or already under torchrun) return and run here."""
-    if devices == "cpu" or "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
+    ``python <args>`` once per GPU; otherwise (or already under torchrun) return and run here. With
+    ``DEBIAS_GPUS_PER_EXPERIMENT`` set, the visible GPUs are those this job claims first (:mod:`debias.gpus`)."""
+    if devices == "cpu" or "WORLD_SIZE" in os.environ:
+        return
+    claim_gpus()
+    if not torch.cuda.is_available():
         return
     gpus = torch.cuda.device_count()
     if gpus > 1:

@@ -75,17 +75,20 @@ def train_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[st
 @app.command("prune")
 @user_errors
 def prune_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION,
-                  folder: Path = typer.Option(Path("checkpoints"), "--dir", help="The folder of training states (the train stage's checkpoints/, or runs/)."),
+                  folder: Optional[Path] = typer.Option(None, "--dir", help="The folder of training states (default: the train stage's, $DEBIAS_STATES or checkpoints/; or runs/ of debias train)."),
                   keep: Optional[list[str]] = typer.Option(None, "--keep", help="Also keep this recipe's state (a folder name; repeatable)."),
                   dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed.")) -> None:
     """Remove the training states of other recipes, keeping the current params' one.
 
-    The train stage keeps one state per recipe, checkpoints/<weighting>-<target>-<digest>/, so that
-    experiments never erase each other's training; this is the one command that deletes them."""
+    The train stage keeps one state per recipe, <weighting>-<target>-<digest>/, in one folder that every
+    workspace of the project shares (the main workspace, --temp copies, queue workers), so that experiments
+    never erase each other's training; this is the one command that deletes them. Run it in the main workspace."""
     import shutil
 
+    from debias.pipeline import training_states
     from debias.train.rundir import CHECKPOINT, run_key
 
+    folder = folder if folder is not None else training_states()
     if not folder.is_dir():
         raise DebiasError(f"{folder} is not a folder of training states")
     kept = {run_key(load_params(params, set_)), *(keep or [])}

@@ -3,7 +3,8 @@
 ``out_dir/checkpoint.pt`` holds everything a resumed run needs; ``out_dir/snapshots/step_{k:07d}.pt``
 the weights kept at ``train.snapshot_steps``; ``out_dir/phema/phema-{k:07d}.pt`` the power-function EMA
 profiles every ``train.phema_every`` steps (``train.ema: phema``); ``log_dir`` (often the same folder) the TSV logs of
-:mod:`debias.train.logs`. Only rank 0 touches these files.
+:mod:`debias.train.logs`. Only rank 0 touches these files. ``out_dir/.train.lock`` is the run's advisory
+lock (:mod:`debias.locks`): one writer at a time, whichever workspace it runs in.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from debias.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from debias.config import Config
 from debias.errors import DebiasError
 from debias.io import atomic_write
+from debias.locks import lock_file
 from debias.phema import PHEMA_DIR
 from debias.runtime import Ranks, on_main
 from debias.schema import flatten
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
+LOCK = ".train.lock"
+# the lock file that a job's launcher holds for its ranks (RunDir.held_for_job), inherited through torchrun
+HELD_LOCK_ENV = "DEBIAS_HELD_TRAIN_LOCK"
 # training-config keys that may change between a checkpoint and its resumption without changing the result
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.snapshot_steps", "train.log_every",
                      "train.devices", "train.data_loading", "train.num_workers", "train.compile", "data.path", "data.on_error"}
@@ -71,30 +77,52 @@ class RunDir:
         """The power-function EMA profiles at ``step`` (:mod:`debias.phema`)."""
         return self.out_dir / PHEMA_DIR / f"phema-{step:07d}.pt"
 
+    @property
+    def lock(self) -> Path:
+        return self.out_dir / LOCK
+
     @contextlib.contextmanager
     def locked(self, ranks: Ranks) -> Iterator[None]:
-        """Hold an advisory lock on ``out_dir`` (rank 0), so two runs never write the same files; the
-        lock dies with its process. A held lock is one DebiasError line on every rank."""
+        """Hold the advisory lock of ``out_dir`` (rank 0), so two runs never write the same files; the lock
+        dies with its process. A held lock is one DebiasError line on every rank — unless this job holds it
+        already (:meth:`held_for_job`)."""
         lock = on_main(self._lock, ranks, share=False)
         try:
             yield
         finally:
             if lock is not None:
-                lock.close()
+                os.close(lock)
 
-    def _lock(self):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform
+    def _lock(self) -> int | None:
+        if self._held_by_this_job():
             return None
-        lock = open(self.out_dir / ".train.lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise DebiasError(f"another training run is writing to {self.out_dir}") from None
+        lock = lock_file(self.lock, wait=False)
+        if lock is None:
+            raise DebiasError(f"another training run is writing to {self.out_dir}")
         return lock
+
+    def _held_by_this_job(self) -> bool:
+        return os.environ.get(HELD_LOCK_ENV) == str(self.lock.resolve())
+
+    @contextlib.contextmanager
+    def held_for_job(self) -> Iterator[None]:
+        """Hold the lock of ``out_dir`` for a whole job, waiting (with a note) while another run holds it. It
+        survives the job's relaunch under torchrun, whose ranks find it held (``DEBIAS_HELD_TRAIN_LOCK``) and
+        do not take it again. The train stage holds it across training and the export of the model, so that
+        two experiments of one recipe take turns, and no other run writes the state in between."""
+        if self._held_by_this_job():  # a rank of a job whose launcher holds it
+            yield
+            return
+        lock = lock_file(self.lock, wait=False)
+        if lock is None:
+            log.info("note: another training run holds %s; waiting for it to finish", self.out_dir)
+            lock = lock_file(self.lock, wait=True)
+        os.environ[HELD_LOCK_ENV] = str(self.lock.resolve())
+        try:
+            yield
+        finally:
+            del os.environ[HELD_LOCK_ENV]
+            os.close(lock)
 
     def resume_point(self, cfg: Config, unet_kwargs: dict, dataset_size: int, resume: bool) -> Checkpoint | None:
         """The checkpoint to continue from, or None to start over (a checkpoint of another
