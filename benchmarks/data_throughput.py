@@ -12,7 +12,8 @@ rows gathered from the memory map by ``--workers`` threads a few steps ahead, co
 — with the same seed, hence the same weights and the same batches. After ``--warmup`` untimed steps
 each, their steps are timed one for one, interleaved, so both see the same machine load.
 
-Printed per config: images/s of each (batch / median step time), the ratio stream/memory, and the
+Printed per config: images/s of each (batch / median step time), the ratio stream/memory (also as the
+median of the per-step ratios, steps k of both: robust to load that drifts during the run), and the
 fraction of the streamed trainer's step time spent waiting for its data (``batches.waited``: the
 training thread blocked on a read that the workers had not finished). The set was just written, so
 its pages are in the page cache: this is the steady state of a set that fits in RAM, not a cold
@@ -87,12 +88,14 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> list[str
             for trainer in trainers.values():
                 trainer.batches.close()
     rates = {loading: batch / statistics.median(ts) for loading, ts in times.items()}
+    paired = statistics.median(m / s for m, s in zip(times["memory"], times["stream"]))  # step k vs step k
     waiting = waited / sum(times["stream"])
     return [f"{name:<2} {args.n:6d} {megabytes:8.1f} {megabytes / written:7.0f} {batch:5d} {str(home):>6} "
             f"{rates['memory']:10.2f} {rates['stream']:10.2f} {rates['stream'] / rates['memory']:8.3f} "
             f"{100 * waiting:8.2f}%  {CONFIGS[name][0]}",
             f"{name:<2} stream/memory {rates['stream'] / rates['memory']:.3f} (images/s {rates['stream']:.2f} vs "
-            f"{rates['memory']:.2f}, same process, interleaved); streamed path waited for data "
+            f"{rates['memory']:.2f}, same process, interleaved; median of the per-step ratios {paired:.3f}); "
+            f"streamed path waited for data "
             f"{100 * waiting:.2f}% of its step time; step times s: memory "
             f"{' '.join(f'{t:.3f}' for t in times['memory'])}; stream {' '.join(f'{t:.3f}' for t in times['stream'])}"]
 

@@ -27,7 +27,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
-PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then  # the machine's python3; its torch venv's if python3 on PATH has no torch
+  PY=python3
+  if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2> /dev/null \
+     && [ -x /opt/torch/.venv/bin/python3 ]; then
+    PY=/opt/torch/.venv/bin/python3
+  fi
+fi
 SITE=${SITE:-/tmp/site}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
