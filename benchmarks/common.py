@@ -44,6 +44,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
                      "num_head_channels": 64, "num_res_blocks": 1, "resblock_updown": True,
                      "use_scale_shift_norm": True, "learn_sigma": True},
            "train": {"batch_size": 16}}),
+    "f": ("64x64x3, 32ch [1,2,2,2], attn 16, 1 res block, bs 32",
+          {"data": {"image_size": 64, "channels": 3},
+           "model": {"model_channels": 32, "channel_mult": [1, 2, 2, 2], "attention_resolutions": [16],
+                     "num_res_blocks": 1},
+           "train": {"batch_size": 32}}),
 }
 GPU_ONLY = {"e"}
 

@@ -42,7 +42,7 @@ from debias.diffusion.schedule import Schedule
 from debias.models.factory import DiffusionModel, unet_kwargs_for
 from debias.models.unet import UNetModel
 from debias.runtime import inference_network
-from debias.sampling import generate
+from debias.sampling import generate, plan_for
 
 SOLVERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 DEFAULT_BATCH = {"a": 64, "b": 64, "c": 64, "d": 16, "e": 16}
@@ -54,7 +54,8 @@ def sampler_for(label: str, fn, schedule: Schedule, learn_sigma: bool, solver: s
     if label == "original" and solver == "ddim":
         return lambda: upstream_ddim(fn, shape, steps, schedule, learn_sigma)
     model = DiffusionModel(fn, schedule, "eps", learn_sigma, shape[1:])
-    return lambda: generate(model, solver, steps, shape[0], 0, shape[0], device=device)
+    plan = plan_for(solver, seed=0, batch_size=shape[0])  # the sample params' defaults for this solver
+    return lambda: generate(model, plan, steps, shape[0], device=device)
 
 
 def run_once(sample: Callable[[], object], device: torch.device) -> float:

@@ -93,7 +93,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, peak: float
         x = torch.randn(shape, device=device)
         t = torch.randint(0, cfg.diffusion.steps, (shape[0],), device=device)
         flops = 3 * forward_flops(trainer.model, x, t)
-        params = sum(p.numel() for p in trainer.params)
+        params = sum(p.numel() for p in trainer.network.parameters())
         warmup = {}
         for label, run in runs.items():
             start = time.perf_counter()

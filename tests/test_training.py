@@ -366,3 +366,18 @@ def test_a_fixed_weighting_plots_its_weight_with_u_zero(tmp_path):
     assert [p["u"] for p in plot] == [0.0] * 1000
     assert [p["weight"] for p in plot] == pytest.approx(weights.tolist(), rel=1e-12)
     assert "uncertainty" not in load_checkpoint(tmp_path / CHECKPOINT).extra
+
+
+def test_without_dvclive_the_tsv_logs_are_the_same_and_one_note_says_so(tmp_path, monkeypatch, caplog):
+    cfg = tiny("train.steps=6", "train.snapshot_steps=[]")
+    train(cfg, tmp_path / "with", progress=False)
+    monkeypatch.setitem(sys.modules, "dvclive", None)  # `from dvclive import Live` raises ImportError
+    with caplog.at_level(logging.INFO):
+        train(cfg, tmp_path / "without", progress=False, stop_after=3)
+        train(cfg, tmp_path / "without", progress=False)  # resumed: the logs are rewritten without DVCLive too
+    assert not (tmp_path / "without" / LIVE_DIR).exists() and (tmp_path / "with" / LIVE_DIR).is_dir()
+    assert log_without_speed(tmp_path / "without") == log_without_speed(tmp_path / "with")
+    assert (tmp_path / "without" / TIMESTEP_LOG).read_text() == (tmp_path / "with" / TIMESTEP_LOG).read_text()
+    assert_same_weights(tmp_path / "with", tmp_path / "without")
+    notes = [r.getMessage() for r in caplog.records if "dvclive is not installed" in r.getMessage()]
+    assert len(notes) == 2 and all(n.startswith("note: ") for n in notes)  # one per run of train()

@@ -3,10 +3,14 @@
 the same through DVCLive in ``dvclive/`` — step, loss, unweighted MSE and images/s as metrics (what
 ``dvc exp show`` lists, live while a run trains) and plots, the per-timestep loss as a plot, and the
 weighting per timestep as a plot (``weighting``: the applied weight w(t)/e^{u(t)} and the learned u(t)
-of ``weighting: learned``, 0 for a fixed weighting)."""
+of ``weighting: learned``, 0 for a fixed weighting).
+
+DVCLive is optional for training outside the pipeline: without it installed, the TSV logs are written
+as always and the DVCLive logs are skipped (one ``note:`` line says so)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +28,8 @@ LIVE_DIR = "dvclive"
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "lr", "images_per_s")
 LIVE_METRICS = ("loss", "mse", "images_per_s")  # with DVCLive's step: the training columns of `dvc exp show`
 BUCKETS = 10
+
+log = logging.getLogger(__name__)
 
 
 class MetricLogs:
@@ -47,7 +53,7 @@ class MetricLogs:
         self.buckets = torch.zeros(BUCKETS, 3, dtype=torch.float64, device=device)  # Σ loss, Σ mse, count
         self.last_loss: float | None = None
         self.rows: list[str] = []  # train_log.tsv rows so far (rank 0)
-        self.live = None  # the DVCLive logger (rank 0, from start())
+        self.live = None  # the DVCLive logger (rank 0, from start(); stays None without dvclive installed)
 
     @torch.no_grad()
     def accumulate(self, loss: Tensor, mse: Tensor, vb: Tensor, t: Tensor, grad_norm: Tensor) -> None:
@@ -74,14 +80,15 @@ class MetricLogs:
             self.rows.append("\t".join(_fmt(v) for v in (step, loss, mse, vb, grad_norm, lr, images_per_s)))
             _append_line(self.log_dir / TRAIN_LOG, self.rows[-1])
             self._live_row(self.rows[-1])
-            self.live.make_summary()
+            if self.live is not None:
+                self.live.make_summary()
             self._write_buckets(buckets)
             self.u = None if u is None else u.detach().double().cpu()
             self._write_weighting()
 
     def _write_weighting(self) -> None:
         """The applied weight w(t)/e^{u(t)} and u(t) at (at most 1000) timesteps."""
-        if self.weights is None:
+        if self.weights is None or self.live is None:
             return
         u = self.u if self.u is not None else torch.zeros_like(self.weights)
         stride = max(1, self.num_timesteps // 1000)
@@ -100,6 +107,8 @@ class MetricLogs:
                 mean = (lambda s: s / count) if count else (lambda s: float("nan"))
                 lines.append("\t".join(_fmt(v) for v in (ts[0], ts[-1], mean(loss), mean(mse), int(count))))
         atomic_write(self.log_dir / TIMESTEP_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+        if self.live is None:
+            return
         points = [dict(zip(("t_start", "t_end", "loss", "mse", "count"), map(float, line.split("\t"))))
                   for line in lines[1:]]
         self.live.log_plot("timestep_loss", points, x="t_start", y="mse", template="linear",
@@ -123,22 +132,32 @@ class MetricLogs:
 
     def start(self) -> None:
         """Rank 0: rewrite ``train_log.tsv`` and ``dvclive/`` with the rows so far (none for a fresh run),
-        so that a resumed run logs every step exactly once, whatever a killed run left behind."""
-        from dvclive import Live
-
+        so that a resumed run logs every step exactly once, whatever a killed run left behind. Without
+        dvclive installed, ``dvclive/`` is skipped (a note says so) and the TSV logs are written alone."""
         lines = ["\t".join(LOG_COLUMNS), *self.rows]
         atomic_write(self.log_dir / TRAIN_LOG, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
-        self.live = Live(str(self.log_dir / LIVE_DIR), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+        try:
+            from dvclive import Live
+        except ImportError:
+            self.live = None
+            log.warning("note: dvclive is not installed; the DVCLive logs (%s/) are skipped, %s and %s are written",
+                        self.log_dir / LIVE_DIR, TRAIN_LOG, TIMESTEP_LOG)
+        else:
+            self.live = Live(str(self.log_dir / LIVE_DIR), resume=False, save_dvc_exp=False, dvcyaml=None,
+                             report=None)
         for row in self.rows:
             self._live_row(row)
         if self.rows:
-            self.live.make_summary()
+            if self.live is not None:
+                self.live.make_summary()
             self._write_buckets(self.buckets)
             self._write_weighting()
         else:
             (self.log_dir / TIMESTEP_LOG).unlink(missing_ok=True)
 
     def _live_row(self, row: str) -> None:
+        if self.live is None:
+            return
         values = dict(zip(LOG_COLUMNS, row.split("\t")))
         self.live.step = int(values["step"])
         for name in LIVE_METRICS:
