@@ -1,5 +1,5 @@
 """Memory of the data path as the training set grows: the prepare and train stage jobs, `debias train`, and
-two torchrun ranks sharing the memory-mapped pixels.
+two torchrun ranks sharing the pixels through the page cache.
 
     python benchmarks/data_memory.py --sizes 1000,16000 --cache /tmp/debias-memory-pngs
 
@@ -10,30 +10,29 @@ at 8x8, ``train.batch_size`` 16). Every measurement is a
 fresh process in a scratch folder with its own params.yaml, run outside DVC exactly as dvc.yaml's
 ``cmd`` runs it; its peak RSS is the kernel's (``ru_maxrss`` from ``wait4``), and the RSS sampled every
 50 ms is split at its largest into anonymous memory (private: heap, tensors) and file-backed pages
-(shared libraries, and the memory map's pages of the page cache — shared by every process that maps
+(shared libraries, and any mapped pages of the page cache — shared by every process that maps
 them and reclaimable; a kernel with large page-cache folios maps far more than the rows read, about
 1 MB per random row on the 6.18 kernel these figures were taken on):
 
 - ``prepare``: ``python stages/prepare.py`` — the prepare stage job: the folder decoded block by block
-  into data/prepared/ (the memory-mapped set), plus the FID reference features of
+  into data/prepared/ (the prepared set), plus the FID reference features of
   ``eval.reference_images`` = 16 of its images (the Inception on the CPU: memory that does not grow
   with N; 16 instead of 400 keeps each run short);
 - ``train stream`` / ``train memory``: ``python stages/train.py`` — the train stage job, 2 steps on that
-  prepared set with ``train.data_loading=stream`` (the memory map) and, for comparison, ``=memory``
+  prepared set with ``train.data_loading=stream`` (rows read with pread) and, for comparison, ``=memory``
   (the whole set as float32 in the process: the old path);
 - ``debias train``: ``python -m debias train --out run`` on the folder, 2 steps,
   ``train.data_loading=stream`` (it prepares ``prepared-<digest>/`` beside the run first);
 - ``torchrun stream`` / ``torchrun memory``: ``torchrun --nproc-per-node 2`` of the train stage job
-  (gloo on the CPU), 2 steps. In ``stream`` each rank first reads every image once through the memory
-  map it trains from (what it would have done after an epoch or two: 2 steps alone touch 16 rows per
-  rank), so that both ranks map every page of the pixels. Each rank's RSS and proportional set size
-  (PSS, /proc/<pid>/smaps_rollup) and those of its images.npy mapping (/proc/<pid>/smaps) are sampled
-  every 0.2 s; the rows show both ranks at the same sample, the one where together they held the most
-  (largest total RSS). Pages both ranks map count half to each in PSS: the pixels are one copy in the
-  page cache, not one per process.
+  (gloo on the CPU), 2 steps. In ``stream`` each rank first reads every image once as training reads
+  them (``read_rows``: what it would have done after an epoch; 2 steps alone read 16 rows per rank).
+  Each rank's RSS and proportional set size (PSS, /proc/<pid>/smaps_rollup) and those of any images.npy
+  mapping (/proc/<pid>/smaps) are sampled every 0.2 s; the rows show both ranks at the same sample, the
+  one where together they held the most (largest total RSS). The pixels are one copy in the page cache,
+  read by both ranks and held by neither.
 
 Printed: one row per (measurement, N), the growth from the smallest to the largest N (target: at most
-64 MB for the memory-mapped paths), and an extrapolation to the paper's datasets at 256x256.
+64 MB for the streamed paths), and an extrapolation to the paper's datasets at 256x256.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ def write_params(folder: Path, images: Path, loading: str) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(name="folder", path=str(images), image_size=SIZE, channels=CHANNELS)
     params["model"].update(channel_mult=[1, 2, 2, 2], attention_resolutions=[8])  # the default UNet, for 64x64
-    params["eval"].update(reference_images=16, device="cpu")
+    params["eval"].update(reference_images=16, kid_subset_size=8, device="cpu")  # KID subsets within the 16
     params["train"].update(steps=2, batch_size=BATCH, log_every=1, checkpoint_every=2, snapshot_steps=[],
                            devices="cpu", data_loading=loading, warmup_steps=0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,20 +228,21 @@ def torchrun_pss(cmd: list[str], cwd: Path, log: Path, every: float = 0.2) -> di
 
 
 def touched_train_stage() -> None:
-    """The train stage job with each process first reading every image once through the memory map it trains
-    from (run under torchrun by :func:`main`)."""
+    """The train stage job with each process first reading every image once, as it trains (``read_rows``), in
+    batches of 256 — what it would have done after an epoch (run under torchrun by :func:`main`)."""
     sys.path.insert(0, str(REPO / "src"))
     import debias.jobs.train as job
     from debias.pipeline import run_stage
 
-    import numpy as np
+    import torch
 
     opened = job.open_prepared
 
     def open_and_read(folder):
         prepared = opened(folder)
-        total = int(prepared.images.array.sum(dtype=np.uint64))  # every page, through this mapping (buffered)
-        print(f"rank {os.environ.get('RANK')}: read all {len(prepared)} images through the memory map ({total})",
+        total = sum(int(prepared.read_rows(torch.arange(a, min(a + 256, len(prepared)))).sum(dtype=torch.int64))
+                    for a in range(0, len(prepared), 256))
+        print(f"rank {os.environ.get('RANK')}: read all {len(prepared)} images as training reads them ({total})",
               flush=True)
         return prepared
 
@@ -318,7 +318,7 @@ def main() -> None:
     first, last = sizes[0], sizes[-1]
     added = (last - first) * CHANNELS * SIZE * SIZE
     print(f"\ngrowth from N={first} to N={last} ({last - first} more images: +{added / MB:.0f} MB as uint8, "
-          f"+{4 * added / MB:.0f} MB as float32); target for the memory-mapped paths: <= 64 MB")
+          f"+{4 * added / MB:.0f} MB as float32); target for the streamed paths: <= 64 MB")
     median = lambda runs, key: statistics.median(m[key] for m in runs)  # noqa: E731
     for name, runs in rows.items():
         if first in runs and last in runs:

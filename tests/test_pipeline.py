@@ -184,6 +184,11 @@ def test_stages_under_torchrun_equal_one_process(project):
     assert results[0][0][1:3] == [kept[path] for path in exact[1:3]]  # the samples are what `dvc repro` wrote
     for path, data in kept.items():
         path.write_bytes(data)
+    # the train stage under a torchrun started by hand: rank 0 alone takes the recipe's lock (the others must not
+    # wait for it), and the finished state is re-exported unchanged
+    model = (project / "models" / "model.pt").read_bytes()
+    run([*TORCHRUN, "stages/train.py"], project, threads=1)
+    assert (project / "models" / "model.pt").read_bytes() == model
     assert "Running stage" not in dvc("repro", "--dry", cwd=project).stdout
 
 

@@ -5,13 +5,15 @@ uninterrupted one reads. Two ways to hold the set, the same batches bit for bit:
 
 - in memory (:class:`InMemoryBatches`): the whole set as float32, on the device when it fits — the fastest
   path for the small sets of a laptop;
-- streamed (:class:`StreamedBatches`): uint8 rows gathered by index from the prepared array's memory map
-  (:mod:`debias.data.prepared`) by worker threads a few steps ahead, moved to the device and converted to
-  float there. Memory per process is a few batches whatever the set's size, and every process of a node
-  reads the one copy of the pixels in the page cache.
+- streamed (:class:`StreamedBatches`): uint8 rows read by index from the prepared array
+  (:meth:`debias.data.prepared.PreparedSet.read_rows`) by worker threads a few steps ahead, moved to the
+  device and converted to float there. Memory per process is a few batches whatever the set's size, and
+  every process of a node reads the one copy of the pixels in the page cache.
 
-``train.data_loading``: ``memory``, ``stream``, or ``auto`` — in memory when the float32 set takes at most
-:data:`IN_MEMORY_BYTES`, else streamed (a set given as floats, not as a prepared array, is always in memory).
+``train.data_loading``: ``memory``, ``stream``, or ``auto`` — on a GPU, the whole set on the device when its
+float32 copy takes at most :data:`IN_MEMORY_BYTES` (there it saves the host-to-device copy of every batch),
+else streamed: on a CPU both paths run at the same speed (benchmarks/BENCHMARKS.md), and streaming keeps each
+process's memory flat. A set given as floats, not as a prepared array, is always in memory.
 """
 
 from __future__ import annotations
@@ -53,13 +55,13 @@ class InMemoryBatches:
 
 
 class StreamedBatches:
-    """uint8 rows read by ``workers`` threads ``ahead`` steps ahead of the step that needs them (0 workers: read in
-    the training thread); :attr:`waited` counts the seconds the training thread waited for them."""
+    """uint8 rows of ``data`` read by ``workers`` threads ``ahead`` steps ahead of the step that needs them (0
+    workers: read in the training thread); :attr:`waited` counts the seconds the training thread waited for them."""
 
-    def __init__(self, pixels: Tensor, labels: Tensor | None, seed: int, batch_size: int, micro: slice,
+    def __init__(self, data: PreparedSet, labels: Tensor | None, seed: int, batch_size: int, micro: slice,
                  device: torch.device, workers: int, ahead: int = 2):
-        self.pixels, self.labels, self.micro, self.device = pixels, labels, micro, device
-        self.order = DataOrder(len(pixels), batch_size, seed, torch.device("cpu"))
+        self.data, self.labels, self.micro, self.device = data, labels, micro, device
+        self.order = DataOrder(len(data), batch_size, seed, torch.device("cpu"))
         self.pin = device.type == "cuda"
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers else None
         self.ahead = ahead if workers else 0
@@ -67,7 +69,7 @@ class StreamedBatches:
         self.waited = 0.0
 
     def _read(self, idx: Tensor) -> Tensor:
-        rows = self.pixels.index_select(0, idx)  # page faults and copies, outside the GIL
+        rows = self.data.read_rows(idx)  # pread releases the GIL
         return rows.pin_memory() if self.pin else rows
 
     def _schedule(self, k: int) -> Future | None:
@@ -102,6 +104,7 @@ def training_batches(data: ImageDataset | PreparedSet, labels: Tensor | None, lo
     ``loading``, ``train.num_workers`` = ``workers`` (see the module docstring)."""
     if isinstance(data, ImageDataset):
         return InMemoryBatches(data.images, labels, seed, batch_size, micro, device)
-    if loading == "memory" or (loading == "auto" and 4 * math.prod(data.image_shape) * len(data) <= IN_MEMORY_BYTES):
+    fits = 4 * math.prod(data.image_shape) * len(data) <= IN_MEMORY_BYTES
+    if loading == "memory" or (loading == "auto" and device.type == "cuda" and fits):
         return InMemoryBatches(from_uint8(data.pixels()), labels, seed, batch_size, micro, device)
-    return StreamedBatches(data.pixels(), labels, seed, batch_size, micro, device, workers)
+    return StreamedBatches(data, labels, seed, batch_size, micro, device, workers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,10 @@ class PreparedSet:
     labels: Tensor | None
     num_classes: int | None
     meta: dict[str, Any]
+    offset: int  # where the pixels start in images.npy
+
+    def __post_init__(self) -> None:
+        self._file = open(self.folder / IMAGES, "rb", buffering=0)  # for read_rows: one descriptor, pread is thread-safe
 
     def __len__(self) -> int:
         return len(self.images)
@@ -58,6 +63,23 @@ class PreparedSet:
     def pixels(self) -> Tensor:
         """The whole uint8 array as a tensor over the memory map (no copy: pages are read as they are touched)."""
         return torch.from_numpy(self.images.array)
+
+    def read_rows(self, rows: Tensor) -> Tensor:
+        """uint8 (n, C, H, W) of the images at ``rows`` (n,), read with ``pread``: through the page cache, which
+        every process of the machine shares, but never mapped into this one — its memory is the n rows, whatever
+        the set's size and however many rows it has read before (a memory map would keep each page it touched,
+        and the kernel's read-ahead around it, in the process's resident set)."""
+        out = torch.empty((len(rows), *self.image_shape), dtype=torch.uint8)
+        flat = out.numpy().reshape(len(rows), -1)
+        size = flat.shape[1]
+        for i, row in enumerate(rows.tolist()):
+            view, done = memoryview(flat[i]), 0
+            while done < size:  # a regular file returns every byte at once; loop for the rule's sake
+                got = os.preadv(self._file.fileno(), [view[done:]], self.offset + row * size + done)
+                if not got:
+                    raise DebiasError(f"{self.folder / IMAGES} ends before image {row}; it was truncated while in use")
+                done += got
+        return out
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
@@ -164,4 +186,4 @@ def open_prepared(folder: str | Path) -> PreparedSet:
         labels = torch.from_numpy(np.fromfile(labels_path, dtype=np.int64, offset=label_offset))
         if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise DebiasError(f"{labels_path}: labels outside [0, {num_classes})")
-    return PreparedSet(folder, images, labels, num_classes, meta)
+    return PreparedSet(folder, images, labels, num_classes, meta, offset)

@@ -108,10 +108,10 @@ class RunDir:
     def held_for_job(self) -> Iterator[None]:
         """Hold the lock of ``out_dir`` for a whole job, waiting (with a note) while another run holds it. It
         survives the job's relaunch under torchrun, whose ranks find it held (``DEBIAS_HELD_TRAIN_LOCK``) and
-        do not take it again. The train stage holds it across training and the export of the model, so that
+        do not take it again (under a torchrun started by hand, rank 0 alone takes it). The train stage holds it across training and the export of the model, so that
         two experiments of one recipe take turns, and no other run writes the state in between."""
-        if self._held_by_this_job():  # a rank of a job whose launcher holds it
-            yield
+        if self._held_by_this_job() or os.environ.get("RANK", "0") != "0":
+            yield  # a rank of a job whose launcher holds it; or of a torchrun started by hand, where rank 0 locks
             return
         lock = lock_file(self.lock, wait=False)
         if lock is None:
