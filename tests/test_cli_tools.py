@@ -151,23 +151,43 @@ def test_analyze_command_writes_tables_and_figures(tmp_path):
     assert_one_line_error(cli("analyze", tmp_path / "nope.pt"))
 
 
-def test_compare_from_exp_show_json(tmp_path):
-    def exp(name, weighting, fid):
-        return {"name": name, "rev": "workspace", "data": {"rev": "workspace", "params": {"params.yaml": {"data": {
-            "weighting": weighting, "target": "eps"}}}, "metrics": {"metrics/ddim.json": {"data": {"ddim": {"fid": fid}}}}}}
+def exp_record(name, rev, fid, kid=0.01, **params):
+    """One run as `dvc exp show --json` lists it: params.yaml and metrics/ddim.json."""
+    return {"name": name, "rev": rev, "data": {"rev": rev, "params": {"params.yaml": {"data": {
+        "weighting": "debias", "target": "eps", "seed": 0, "sample": {"seed": 0, "steps": [20]}, **params}}},
+        "metrics": {"metrics/ddim.json": {"data": {"ddim": {"fid": fid, "kid": kid, "seconds": 1.0 + fid}}}}}}
 
-    # the workspace, the commit it ran at and an experiment repeating it are one recipe; the other is
-    # named by the param that sets it apart, not by its (random) experiment name
-    table = [{"rev": "workspace", "name": None, "data": exp("ws", "debias", 10.0)["data"], "experiments": None},
-             {"rev": "abc", "name": "main", "data": {**exp("main", "debias", 10.0)["data"], "rev": "abc"},
-              "experiments": [{"name": "bulky-bans", "revs": [exp("bulky-bans", "p2", 12.5)]},
-                              {"name": "again", "revs": [exp("again", "debias", 10.0)]}]}]
+
+def test_compare_groups_seeds_into_recipes_with_intervals(tmp_path):
+    """Fake experiments: runs that differ only in seed / sample.seed are one recipe (mean and Student-t
+    interval over seeds), the workspace and its commit count once, a recipe with one seed has no interval,
+    and the paired difference over shared seeds is reported; every score, figures with error bars."""
+    from debias.seeds import t_quantile
+
+    constant = [exp_record(f"constant-{s}", f"c{s}", fid, weighting="constant", seed=s)
+                for s, fid in enumerate((30.0, 32.0, 31.0))]
+    debias = [exp_record(f"debias-{s}", f"d{s}", fid, seed=s) for s, fid in enumerate((33.0, 34.0, 35.0))]
+    lonely = exp_record("p2-0", "p0", 40.0, weighting="p2", sample={"seed": 7, "steps": [20]})
+    workspace = {**debias[0], "rev": "workspace", "name": None, "data": {**debias[0]["data"], "rev": "workspace"}}
+    table = [{**workspace, "experiments": None},
+             {"rev": "d0", "name": "main", "data": debias[0]["data"],
+              "experiments": [{"name": e["name"], "revs": [e]} for e in (*debias[1:], *constant, lonely)]}]
     (tmp_path / "exp.json").write_text(json.dumps(table))
     result = cli("compare", "--exp-json", tmp_path / "exp.json", "--out-dir", tmp_path / "cmp")
     assert result.exit_code == 0, result.output
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert rows == ["| debias, eps | debias | eps | 10.000 |", "| weighting=p2 | p2 | eps | 12.500 |"]
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    first = {row[0].lstrip("| "): row for row in rows[1:4]}
+    assert set(first) == {"debias, eps", "weighting=constant", "weighting=p2"} or set(first) == {
+        "weighting=debias", "weighting=constant", "weighting=p2"}, rows
+    half = t_quantile(0.95, 2) * 1.0 / 3 ** 0.5  # FIDs 33, 34, 35 and 30, 32, 31: s = 1
+    by_weighting = {row[1]: row for row in rows[1:4]}
+    assert by_weighting["debias"][3] == "3" and by_weighting["debias"][4].startswith(f"34.0 [{34 - half:.1f}, ")
+    assert by_weighting["constant"][4].startswith(f"31.0 [{31 - half:.1f}, ")
+    assert by_weighting["p2"][3] == "1" and by_weighting["p2"][4].rstrip(" |") == "40.0"  # one seed: no interval
+    assert "KID ddim" in md and "seconds" not in md
+    assert "weighting=constant − " in md and "FID ddim: −3.0 [" in md and ", 3 seeds" in md  # 30−33, 32−34, 31−35
+    assert "weighting=p2 − " in md and "no shared seeds" in md  # its only seed (0, 7) is not one of debias's
     assert (tmp_path / "cmp" / "comparison.png").is_file()
     (tmp_path / "empty.json").write_text("[]")
     assert_one_line_error(cli("compare", "--exp-json", tmp_path / "empty.json"))

@@ -203,6 +203,28 @@ def test_compute_metrics_on_digits_offline(weights, digits, tmp_path):
         assert cached[key] == pytest.approx(result[key], rel=1e-6, abs=1e-9), key
 
 
+def test_intervals_of_the_scores_on_digits(weights, digits):
+    """With bootstrap resamples, FID and sFID come with a bootstrap interval of the generated samples that holds
+    the reported FID's basic-bootstrap reflection, KID with its standard error, and FID∞ on request; the scores
+    themselves are those without intervals."""
+    generated, reference = digits[:40], digits[100:160]
+    plain = compute_metrics(generated, reference, weights, metrics=("fid", "sfid", "kid"), kid_subset_size=10)
+    result = compute_metrics(generated, reference, weights, metrics=("fid", "sfid", "kid"), kid_subset_size=10,
+                             bootstrap=50, interval_level=0.9, fid_infinity=True)
+    assert {k: result[k] for k in ("fid", "sfid", "kid")} == {k: plain[k] for k in ("fid", "sfid", "kid")}
+    assert "intervals" not in plain
+    intervals = result["intervals"]
+    for metric in ("fid", "sfid", "kid"):
+        found = intervals[metric]
+        assert found["estimate"] == pytest.approx(result[metric], rel=1e-6), metric
+        assert 0 <= found["low"] < found["high"] and found["std"] > 0 and found["level"] == 0.9, metric
+    assert intervals["fid"]["replicates"] == 50 and intervals["fid"]["n"] == 40 and "bootstrap" in intervals["fid"]["method"]
+    infinity = intervals["fid_infinity"]
+    assert math.isfinite(infinity["value"]) and max(infinity["counts"]) == 40 and len(infinity["fids"]) >= 2
+    with pytest.raises(DebiasError, match="FID∞ needs"):
+        compute_metrics(generated[:2], reference, weights, metrics=("fid",), fid_infinity=True)
+
+
 # --- Inputs -----------------------------------------------------------------------------------------
 
 

@@ -248,7 +248,7 @@ def test_experiment_with_another_weighting(project):
     run(["git", "commit", "-qm", "baseline run"], project)
     dvc("exp", "run", "-S", "weighting=p2", "-n", "p2-run", cwd=project)
     table = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
-    from debias.report import experiments_from_exp_show
+    from debias.comparison import experiments_from_exp_show
 
     experiments = {e["name"]: e for e in experiments_from_exp_show(table)}
     assert "p2-run" in experiments
@@ -368,7 +368,7 @@ def test_readme_commands_run_as_written(project):
         assert name in table, table
     names = dvc("exp", "ls", "--name-only", cwd=project).stdout.split()
     assert sorted(names) == sorted(recipes)  # queued by `debias sweep`: named by recipe, not at random
-    from debias.report import experiments_from_exp_show
+    from debias.comparison import experiments_from_exp_show
 
     shown = experiments_from_exp_show(json.loads(dvc("exp", "show", "--json", cwd=project).stdout))
     weighting = {e["name"]: e["params"]["weighting"] for e in shown if e["name"] in names}
@@ -451,7 +451,7 @@ def test_a_recipe_trained_in_any_workspace_resumes_in_any_other(project, tmp_pat
     for part in ("model", "ema"):
         a, b = (flat_tensors(getattr(end, part)) for end in ends)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    from debias.report import experiments_from_exp_show
+    from debias.comparison import experiments_from_exp_show
 
     shown = {e["name"]: e["metrics"]["logs/dvclive/metrics.json"]
              for e in experiments_from_exp_show(json.loads(dvc("exp", "show", "--json", cwd=copy).stdout))}

@@ -233,6 +233,9 @@ class EvalConfig:
     reference_images: int | None = 400    # use a fixed random subset of N reference images (null = all)
     kid_subset_size: int = 100
     pr_k: int = 3
+    bootstrap: int = 200                  # resamples of the FID/sFID bootstrap interval (0: no intervals)
+    interval_level: float = 0.95          # of the FID/sFID/KID intervals
+    fid_infinity: bool = False            # also FID∞ (Chong & Forsyth 2020), extrapolated to infinitely many samples
     batch_size: int = INCEPTION_BATCH_SIZE  # images per Inception call
     device: str = "auto"
 
@@ -241,6 +244,8 @@ class EvalConfig:
             one_of(metric, METRICS, "eval.metrics")
         require(self.kid_subset_size >= 2, "eval.kid_subset_size", "must be >= 2")
         require(self.pr_k >= 1, "eval.pr_k", "must be >= 1")
+        require(self.bootstrap == 0 or self.bootstrap >= 10, "eval.bootstrap", "must be 0 (no intervals) or >= 10")
+        require(0 < self.interval_level < 1, "eval.interval_level", "must be in (0, 1), e.g. 0.95")
         require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         require(self.reference_images is None or self.reference_images >= 2, "eval.reference_images",
                  "must be >= 2 or null")
@@ -320,7 +325,7 @@ def check_across_sections(cfg: Config) -> None:
     problems = [unet_problem(d.image_size, m.model_channels, m.channel_mult, m.attention_resolutions, m.num_head_channels),
                 *(grid_problem(key, cfg.diffusion.steps, solver, steps, s.spacing, s.denoise_to_zero, s.preset)
                   for solver, steps, key in runs),
-                sets_problem(e.metrics, s.num_samples, references, e.kid_subset_size, e.pr_k),
+                sets_problem(e.metrics, s.num_samples, references, e.kid_subset_size, e.pr_k, e.fid_infinity),
                 ("sample.ema_std", "needs train.ema: phema (the post-hoc EMA is rebuilt from the profiles it keeps)")
                 if s.ema_std is not None and cfg.train.ema != "phema" else None]
     for problem in problems:

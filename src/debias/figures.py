@@ -25,11 +25,17 @@ def save_figure(fig, path: str | Path) -> None:
 
 
 def plot_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-               xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> None:
-    """One line per series (label → (xs, ys)), saved as PNG."""
+               xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
+               bands: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]] | None = None) -> None:
+    """One line per series (label → (xs, ys)), saved as PNG; ``bands`` (label → (lows, highs), None where
+    unknown) are drawn as error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        lows, highs = (bands or {}).get(label, (None, None))
+        known = lows is not None and any(v is not None for v in lows)
+        errors = [[y - low if low is not None else 0.0 for y, low in zip(ys, lows)],
+                  [high - y if high is not None else 0.0 for y, high in zip(ys, highs)]] if known else None
+        ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=3, capsize=3 if known else 0, label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logx:  # ticks at the data, written plainly (2, 3, 5, …, not 2×10⁰)
         ax.set_xscale("log")

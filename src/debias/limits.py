@@ -88,7 +88,7 @@ def grid_problem(key: str, num_timesteps: int, solver: str, steps: int, spacing:
 
 
 def sets_problem(metrics: Sequence[str], num_samples: int, references: dict[str, int | None], kid_subset_size: int,
-                 pr_k: int) -> tuple[str, str] | None:
+                 pr_k: int, fid_infinity: bool = False) -> tuple[str, str] | None:
     """Why ``metrics`` cannot score ``num_samples`` samples against a reference of at most each of ``references``
     ({param: its value, None when it does not bound the reference}) images; None if they can."""
     bounds = sorted((n, key) for key, n in references.items() if n is not None)
@@ -102,6 +102,9 @@ def sets_problem(metrics: Sequence[str], num_samples: int, references: dict[str,
                                         "lower the KID subset size")
     if "pr" in metrics and pr_k >= smaller:
         return "eval.pr_k", f"precision/recall k = {pr_k} needs more than {pr_k} images per set ({sizes}); lower k"
+    if fid_infinity and ("fid" not in metrics or num_samples < 3):
+        return "eval.fid_infinity", (f"FID∞ needs fid in eval.metrics and at least 3 samples ({sizes}), to fit FID at "
+                                     "2 or more sample counts")
     return None
 
 

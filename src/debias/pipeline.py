@@ -58,6 +58,12 @@ def steps_table(solver: str) -> Path:
     return METRICS / f"{solver}_vs_steps.tsv"
 
 
+def intervals_file(solver: str) -> Path:
+    """``evaluate@<solver>``'s intervals: {steps: {fid, sfid: bootstrap interval; kid: standard error; fid_infinity}},
+    :func:`debias.metrics.intervals.score_intervals` per step count of sample.steps."""
+    return METRICS / f"{solver}.intervals.json"
+
+
 def provenance_file(solver: str) -> Path:
     """``evaluate@<solver>``'s provenance: extractor, weights, versions, set sizes, seconds."""
     return METRICS / f"{solver}.provenance.json"

@@ -168,6 +168,21 @@ def _number_text(value: float, scale: float, digits: int, signed: bool) -> str:
     return f"{value:{'+' if signed else ''}.{decimals}f}".replace("-", "−")
 
 
+def _interval_text(summary: Summary, signed: bool) -> str:
+    """``12.3 [11.0, 13.6]``, to two significant digits of the interval's half-width."""
+    scale = (summary.high - summary.low) / 2 or abs(summary.mean)
+    mean, low, high = (_number_text(v, scale, 2, signed) for v in (summary.mean, summary.low, summary.high))
+    return f"{mean} [{low}, {high}]"
+
+
+def format_cell(summary: Summary) -> str:
+    """A table cell: ``12.3 [11.0, 13.6]``, ``12.3`` for one seed (no interval), ``—`` for none."""
+    if summary.mean is None:
+        return "—"
+    return _number_text(summary.mean, abs(summary.mean), 3, False) if summary.low is None else \
+        _interval_text(summary, False)
+
+
 def format_summary(summary: Summary, signed: bool = False) -> str:
     """``12.3 [11.0, 13.6], 3 seeds``, to two significant digits of the interval's half-width (``signed``:
     every number with its sign); ``12.3, 1 seed (no interval)``, to three of the value; ``no values``."""
@@ -175,9 +190,7 @@ def format_summary(summary: Summary, signed: bool = False) -> str:
         return "no values"
     if summary.low is None:
         return f"{_number_text(summary.mean, abs(summary.mean), 3, signed)}, 1 seed (no interval)"
-    scale = (summary.high - summary.low) / 2 or abs(summary.mean)
-    mean, low, high = (_number_text(v, scale, 2, signed) for v in (summary.mean, summary.low, summary.high))
-    return f"{mean} [{low}, {high}], {summary.n} seeds"
+    return f"{_interval_text(summary, signed)}, {summary.n} seeds"
 
 
 def format_difference(difference: Difference, names: tuple[str, str] | None = None) -> str:

@@ -26,11 +26,14 @@ def fid_command(
     pr_k: Optional[int] = typer.Option(None, "--pr-k", help="k of the precision/recall k-NN (default: eval.pr_k)."),
     reference_images: Optional[int] = typer.Option(None, "--reference-images", help="A fixed random subset of N reference images, as the pipeline takes (default: eval.reference_images; -S eval.reference_images=null for all)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use at most the first N images of each side."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Resamples of the FID/sFID bootstrap interval, 0 for none (default: eval.bootstrap)."),
+    level: Optional[float] = typer.Option(None, "--level", help="Level of the intervals, e.g. 0.95 (default: eval.interval_level)."),
+    fid_infinity: Optional[bool] = typer.Option(None, "--fid-infinity/--no-fid-infinity", help="Also FID∞, extrapolated to infinitely many samples (default: eval.fid_infinity)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per Inception call (default: eval.batch_size)."),
     device: Optional[str] = typer.Option(None, "--device", help=f"{DEVICE_HELP} (default: eval.device)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON here."),
 ) -> None:
-    """FID, sFID, KID and precision/recall of images against a reference, offline.
+    """FID, sFID, KID and precision/recall of images against a reference, offline, with intervals.
 
     The eval params of params.yaml (plus -S) apply, replaced by these options, so `debias fid
     samples.npz` scores like the pipeline's evaluate stage. .npz images are read batch by batch. Without a
@@ -48,8 +51,8 @@ def fid_command(
 
     cfg = load_params(params, set_)
     e = with_flags(cfg.eval, metrics=metrics or None, inception_weights=None if weights is None else str(weights),
-                   kid_subset_size=kid_subset_size, pr_k=pr_k, reference_images=reference_images,
-                   batch_size=batch_size, device=device)
+                   kid_subset_size=kid_subset_size, pr_k=pr_k, reference_images=reference_images, bootstrap=bootstrap,
+                   interval_level=level, fid_infinity=fid_infinity, batch_size=batch_size, device=device)
     gen = image_source(generated, max_images=max_images)
     ref, note = None, None
     if reference is None and max_images is None:  # the pipeline's reference, which the prepare stage may have stored
@@ -67,9 +70,17 @@ def fid_command(
         return
     if out is not None:
         write_json(out, result)
+    intervals = result.get("intervals", {})
     for key, value in result.items():
-        if key != "provenance":
-            typer.echo(f"{key:<10} {value:.6g}")
+        if key not in ("provenance", "intervals"):
+            found = intervals.get(key, {})
+            bounds = f"  [{found['low']:.6g}, {found['high']:.6g}]" if found.get("low") is not None else ""
+            typer.echo(f"{key:<10} {value:.6g}{bounds}")
+    if "fid_infinity" in intervals:
+        typer.echo(f"{'fid_inf':<10} {intervals['fid_infinity']['value']:.6g}")
+    if any(found.get("low") is not None for found in intervals.values()):
+        typer.echo(f"[{e.interval_level:.0%} intervals: FID/sFID a bootstrap of the generated samples against the fixed "
+                   "reference statistics, KID its standard error]")
     p = result["provenance"]
     reference_size = p["n_reference"] if p["n_reference"] is not None else "reference statistics"
     typer.echo(f"({p['n_generated']} vs {reference_size} images, {p['extractor']}, weights {p['weights_sha256'][:12]}…)")

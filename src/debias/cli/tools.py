@@ -28,7 +28,7 @@ def compare_command(
     import subprocess
     import sys
 
-    from debias.report import compare_experiments
+    from debias.comparison import compare_experiments
 
     if exp_json is not None:
         try:

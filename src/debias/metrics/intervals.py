@@ -15,12 +15,12 @@ All three return frozen dataclasses of plain floats and tuples, for ``dataclasse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
 
-from debias.metrics.scores import _sqrt_psd
+from debias.metrics.frechet import sqrt_psd
 
 
 class FrechetToReference:
@@ -29,12 +29,12 @@ class FrechetToReference:
 
     For the rows S (n of them, repeats allowed),
     FID = ‖μ_S − μ_r‖² + tr Σ_r + tr Σ_S − 2 tr (Σ_r^½ Σ_S Σ_r^½)^½
-    (Heusel et al. 2017, in the symmetric form of :func:`debias.metrics.scores.frechet_distance`). With
+    (Heusel et al. 2017, in the symmetric form of :func:`debias.metrics.frechet.frechet_distance`). With
     Z = X Σ_r^½ (once) and Y = Z_S − mean(Z_S), Σ_r^½ Σ_S Σ_r^½ = YᵀY / (n − 1), whose nonzero eigenvalues
     are those of Y Yᵀ / (n − 1): an n×n eigenproblem when n < D, the D×D one otherwise, so a subset
     costs O(n·D·min(n, D)). Eigenvalues below the numerical-rank tolerance (``np.linalg.matrix_rank``'s,
     λ_max·size·ε) are taken as the exact zeros they are (rank ≤ n − 1): as ±ε round-off, each would add
-    √ε to the trace, as it does in the D×D route of :func:`debias.metrics.scores.frechet_distance`.
+    √ε to the trace, as it does in the D×D route of :func:`debias.metrics.frechet.frechet_distance`.
     """
 
     def __init__(self, features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray):
@@ -44,7 +44,7 @@ class FrechetToReference:
             raise ValueError(f"need features (N, D), mu (D,) and sigma (D, D); got {x.shape}, {mu_ref.shape}, "
                              f"{sigma_ref.shape}")
         self.features = x
-        self._rooted = x @ _sqrt_psd(sigma_ref)  # Z = X Σ_r^½, (N, D)
+        self._rooted = x @ sqrt_psd(sigma_ref)  # Z = X Σ_r^½, (N, D)
         self._mu_ref = mu_ref
         self._trace_ref = float(np.trace(sigma_ref))
 
@@ -215,3 +215,28 @@ def kid_interval(kid: float, kid_std: float, *, subset_size: int, subsets: int, 
     se = float(spread * np.sqrt(subset_size / (n - subset_size) + 1 / subsets))
     z = NormalDist().inv_cdf((1 + level) / 2)
     return Interval(estimate=kid, low=max(kid - z * se, 0.0), high=max(kid + z * se, 0.0), std=se, level=level)
+
+
+def score_intervals(features: dict[str, np.ndarray], reference: dict[str, tuple[np.ndarray, np.ndarray]],
+                    scores: dict[str, float], *, replicates: int, level: float, infinity: bool, kid_subset_size: int,
+                    kid_subsets: int, n_generated: int, n_reference: int | None, seed: int) -> dict[str, dict]:
+    """The uncertainty of the ``scores`` :func:`debias.metrics.scores.compute_metrics` found, as plain dicts
+    for JSON: ``fid`` and ``sfid`` — :func:`bootstrap_fid` of the generated ``features`` {"fid": (N, 2048),
+    "sfid": (N, 2023)} against the ``reference`` {metric: (μ, Σ)} with ``replicates`` resamples (none when 0);
+    ``kid`` — :func:`kid_interval` from ``kid`` and ``kid_std`` (with a reference of known size);
+    ``fid_infinity`` — :func:`fid_infinity` when ``infinity``. Each holds its ``method``."""
+    out: dict[str, dict] = {}
+    for metric in ("fid", "sfid"):
+        if replicates and metric in scores:
+            found = bootstrap_fid(features[metric], *reference[metric], replicates=replicates, level=level, seed=seed)
+            out[metric] = {**asdict(found), "method": "basic bootstrap of the generated samples against the fixed "
+                                                      "reference statistics"}
+    if replicates and "kid" in scores and n_reference is not None:
+        found = kid_interval(scores["kid"], scores["kid_std"], subset_size=kid_subset_size, subsets=kid_subsets,
+                             n_generated=n_generated, n_reference=n_reference, level=level)
+        out["kid"] = {**asdict(found), "method": "normal interval of the standard error over the KID subsets"}
+    if infinity and "fid" in scores:
+        out["fid_infinity"] = {**asdict(fid_infinity(features["fid"], *reference["fid"], seed=seed)),
+                               "method": "FID at several sample counts, extrapolated linearly in 1/N "
+                                         "(Chong & Forsyth 2020)"}
+    return out

@@ -14,43 +14,20 @@ import time
 from collections.abc import Sequence
 from typing import Any, Union
 
-import numpy as np
 from torch import Tensor
 
-from debias.catalog import METRICS
+from debias.catalog import INCEPTION_BATCH_SIZE, METRICS
 from debias.errors import DebiasError
 from debias.images import ImageArray, ImageSource, load_images
-from debias.catalog import INCEPTION_BATCH_SIZE
 from debias.metrics.features import Features, FeatureStats, extract
+from debias.metrics.frechet import frechet_distance
+from debias.metrics.intervals import score_intervals
 from debias.metrics.inception import EXTRACTOR, FEATURE_DIM, SPATIAL_DIM, InceptionWeights, resolve_inception_weights
 from debias.progress import Report
 
 Source = Union[Tensor, ImageArray, Features, FeatureStats]
 # the numbers a run is judged by (DVC metrics); the rest (kid_std, seconds, provenance) are details
 HEADLINE = ("fid", "sfid", "kid", "precision", "recall", "isc")
-
-
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues → 0)."""
-    w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½ in float64.
-
-    tr (Σ1 Σ2)^½ is the sum of the square roots of the eigenvalues of the similar, symmetric PSD
-    matrix Σ1^½ Σ2 Σ1^½, which avoids the complex round-off of a general matrix square root.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: {mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape}")
-    root1 = _sqrt_psd(sigma1)
-    middle = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def _count(source: Source) -> int | None:
@@ -150,6 +127,9 @@ def compute_metrics(
     batch_size: int = INCEPTION_BATCH_SIZE,
     device: str = "cpu",
     seed: int = 0,
+    bootstrap: int = 0,
+    interval_level: float = 0.95,
+    fid_infinity: bool = False,
     progress: Report | None = None,
 ) -> dict[str, Any]:
     """Score generated images against reference images (either side may be precomputed
@@ -170,6 +150,9 @@ def compute_metrics(
     gen = generated if isinstance(generated, (Features, ImageArray)) else load_images(generated)
     ref = reference if isinstance(reference, (Features, FeatureStats, ImageArray)) else load_images(reference)
     _check_request(metrics, gen, ref, weights, kid_subset_size, pr_k)
+    if fid_infinity and ("fid" not in metrics or _count(gen) < 3):
+        raise DebiasError(f"FID∞ needs the fid metric and at least 3 generated images (got {_count(gen)}), to fit FID "
+                          "at 2 or more sample counts")
     _check_compatible(gen, ref, weights.sha256)
 
     total, offset = sum(len(s) for s in (gen, ref) if isinstance(s, (Tensor, ImageArray))), 0
@@ -185,8 +168,11 @@ def compute_metrics(
     layers = ("2048", "spatial") if "sfid" in metrics else ("2048",)
     gen_feats = features_of(gen, layers + (("logits_unbiased",) if "isc" in metrics else ()))
     ref_feats = None if isinstance(ref, FeatureStats) else features_of(ref, layers)
-    result = _scores(gen_feats, ref_feats if ref_feats is not None else ref, metrics, kid_subset_size,
-                     kid_subsets, pr_k, seed)
+    ref_side = ref_feats if ref_feats is not None else ref
+    result = _scores(gen_feats, ref_side, metrics, kid_subset_size, kid_subsets, pr_k, seed)
+    if bootstrap or fid_infinity:
+        result["intervals"] = _intervals(gen_feats, ref_side, result, metrics, bootstrap, interval_level, fid_infinity,
+                                         kid_subset_size, kid_subsets, _count(gen), _count(ref), seed)
     result["provenance"] = {
         "n_generated": _count(gen),
         "n_reference": _count(ref),
@@ -204,6 +190,26 @@ def compute_metrics(
     return result
 
 
+def _statistics(feats: dict[str, Tensor] | FeatureStats, spatial: bool) -> FeatureStats:
+    """FID statistics of features {layer: (N, D)} (with the sFID ones when ``spatial``); statistics as they are."""
+    if isinstance(feats, FeatureStats):
+        return feats
+    return FeatureStats.from_features(feats["2048"], None, feats["spatial"] if spatial else None)
+
+
+def _intervals(gen: dict[str, Tensor], ref: dict[str, Tensor] | FeatureStats, scores: dict[str, Any],
+               metrics: Sequence[str], replicates: int, level: float, infinity: bool, kid_subset_size: int,
+               kid_subsets: int, n_generated: int, n_reference: int | None, seed: int) -> dict[str, dict]:
+    """:func:`debias.metrics.intervals.score_intervals` of the scores of :func:`_scores`."""
+    stats = _statistics(ref, "sfid" in metrics)
+    features = {"fid": gen["2048"].double().numpy(),
+                **({"sfid": gen["spatial"].double().numpy()} if "sfid" in metrics else {})}
+    reference = {"fid": (stats.mu, stats.sigma), "sfid": (stats.mu_s, stats.sigma_s)}
+    return score_intervals(features, reference, scores, replicates=replicates, level=level, infinity=infinity,
+                           kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, n_generated=n_generated,
+                           n_reference=n_reference, seed=seed)
+
+
 def _scores(gen: dict[str, Tensor], ref: dict[str, Tensor] | FeatureStats, metrics: Sequence[str],
             kid_subset_size: int, kid_subsets: int, pr_k: int, seed: int) -> dict[str, Any]:
     """Metric values from generated features {layer: (N, D)} and reference features or statistics."""
@@ -211,14 +217,9 @@ def _scores(gen: dict[str, Tensor], ref: dict[str, Tensor] | FeatureStats, metri
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    def stats(feats: dict[str, Tensor] | FeatureStats) -> FeatureStats:
-        if isinstance(feats, FeatureStats):
-            return feats
-        return FeatureStats.from_features(feats["2048"], None, feats["spatial"] if "sfid" in metrics else None)
-
     scores: dict[str, Any] = {}
     if {"fid", "sfid"} & set(metrics):
-        a, b = stats(gen), stats(ref)
+        a, b = _statistics(gen, "sfid" in metrics), _statistics(ref, "sfid" in metrics)
         if "fid" in metrics:
             scores["fid"] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
         if "sfid" in metrics:
