@@ -26,7 +26,7 @@ LAYERS = [
     {"debias.models", "debias.models.layers", "debias.models.unet", "debias.solvers", "debias.checkpoints",
      "debias.data", "debias.metrics", "debias.posthoc"},
     {"debias.models.factory", "debias.sampling", "debias.streaming", "debias.sources", "debias.convert",
-     "debias.train", "debias.analysis", "debias.report"},
+     "debias.train", "debias.analysis", "debias.report", "debias.comparison"},
     {"debias.jobs"},
     {"debias.cli", "debias.__main__"},
 ]
