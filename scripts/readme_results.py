@@ -30,6 +30,7 @@ from debias.seeds import Summary, format_cell, format_difference, group_recipes,
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+RECIPES_PAGE = ROOT / "docs" / "recipes.md"  # the densities, learned and phema blocks
 RESULTS = ROOT / "docs" / "results"
 START, END = "<!-- results: written by scripts/readme_results.py -->", "<!-- /results -->"
 DENSITY_START, DENSITY_END = "<!-- densities: written by scripts/readme_results.py --densities -->", "<!-- /densities -->"
@@ -160,13 +161,13 @@ def table() -> None:
     replace_block(START, END, block)
 
 
-def replace_block(start: str, end: str, block: str) -> None:
-    """Put ``block`` (which begins with ``start`` and ends with ``end``) in place of the README's."""
-    text = README.read_text()
+def replace_block(start: str, end: str, block: str, page: Path = README) -> None:
+    """Put ``block`` (which begins with ``start`` and ends with ``end``) in place of ``page``'s."""
+    text = page.read_text()
     if start not in text or end not in text:
-        raise SystemExit(f"{README} has no {start} … {end} block")
+        raise SystemExit(f"{page} has no {start} … {end} block")
     head, rest = text.split(start, 1)
-    README.write_text(head + block + rest.split(end, 1)[1])
+    page.write_text(head + block + rest.split(end, 1)[1])
     print(block)
 
 
@@ -192,7 +193,7 @@ def densities() -> None:
         *("| " + " | ".join(cells) + " |" for cells in rows),
         DENSITY_END,
     ])
-    replace_block(DENSITY_START, DENSITY_END, block)
+    replace_block(DENSITY_START, DENSITY_END, block, RECIPES_PAGE)
 
 
 def fid_cells(record: dict) -> list[str]:
@@ -219,7 +220,7 @@ def learned() -> None:
         *("| " + " | ".join(cells) + " |" for cells in rows),
         LEARNED_END,
     ])
-    replace_block(LEARNED_START, LEARNED_END, block)
+    replace_block(LEARNED_START, LEARNED_END, block, RECIPES_PAGE)
 
 
 def phema_sweep() -> None:
@@ -246,7 +247,7 @@ def phema_sweep() -> None:
         *("| " + " | ".join(cells) + " |" for cells in rows),
         PHEMA_END,
     ])
-    replace_block(PHEMA_START, PHEMA_END, block)
+    replace_block(PHEMA_START, PHEMA_END, block, RECIPES_PAGE)
 
 
 if __name__ == "__main__":

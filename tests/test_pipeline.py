@@ -30,7 +30,7 @@ MICRO = {
               "warmup_steps": 2},
     # 9 samples: not divisible by two processes, the chunk size or the batch size
     "sample": {"num_samples": 9, "batch_size": 4, "chunk_size": 4, "steps": [2, 4], "solvers": ["ddim", "unipc"]},
-    "eval": {"kid_subset_size": 4, "reference_images": 8, "batch_size": 4},
+    "eval": {"kid_subset_size": 4, "reference_images": 8, "batch_size": 4, "bootstrap": 20},
     "analyze": {"num_images": 8, "timesteps": 3, "color_steps": [2, 3], "color_samples": 4, "fid_samples": 4,
                 "fid_steps": 2},
 }
@@ -79,6 +79,11 @@ def test_repro_produces_every_declared_output(project):
         steps = [line.split("\t") for line in (project / "metrics" / f"{solver}_vs_steps.tsv").read_text().splitlines()]
         assert [row[0] for row in steps] == ["steps", "2", "4"]
         assert dict(zip(steps[0], steps[1]))["fid"] == repr(metrics["fid"])  # the headline: the first of sample.steps
+        assert {"fid_low", "fid_high", "sfid_low", "sfid_high", "kid_low", "kid_high"} <= set(steps[0])
+        intervals = json.loads((project / "metrics" / f"{solver}.intervals.json").read_text())
+        assert set(intervals) == {"2", "4"} and set(intervals["2"]) == {"fid", "sfid", "kid"}
+        assert intervals["2"]["fid"]["estimate"] == pytest.approx(metrics["fid"], rel=1e-6)
+        assert intervals["2"]["fid"]["replicates"] == MICRO["eval"]["bootstrap"] and intervals["2"]["kid"]["std"] > 0
         provenance = json.loads((project / "metrics" / f"{solver}.provenance.json").read_text())
         assert provenance["extractor"] == "inception-v3-compat" and provenance["headline_steps"] == 2
         assert len(provenance["weights_sha256"]) == 64
@@ -325,15 +330,19 @@ def test_dvc_plots_show_draws_every_declared_plot_offline_in_chromium(project, t
 
 
 README = REPO / "README.md"
+RECIPES_PAGE = REPO / "docs" / "recipes.md"
 # README commands that need what a test cannot have: a released 256x256 checkpoint, a GPU
 NEEDS_OUTSIDE = ("ema_0.9999_", "VIRTUAL_", "--device cuda", "celebahq")
 # the micro project samples 2 and 4 steps, not the default's 20
 MICRO_NAMES = {"steps_20.npz": "steps_4.npz"}
+# the README's sweep queues 4 recipes x 3 seeds (12 runs); the test runs each other recipe once, seed 0
+MICRO_SWEEP = {"-S weighting=constant,p2,min_snr,debias -S seed=0,1,2": "-S weighting=constant,p2,min_snr -S seed=0"}
 
 
-def readme_commands(section: str) -> list[str]:
-    """The `debias`/`dvc` lines of the bash blocks in one README section, as written (comments dropped)."""
-    text = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+def readme_commands(section: str, page: Path = README) -> list[str]:
+    """The `debias`/`dvc` lines of the bash blocks in one section of the README (or a docs ``page``), as written
+    (comments dropped)."""
+    text = page.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
     commands = [re.sub(r"\s+#.*$", "", line).strip() for line in lines]
     return [c for c in commands if re.match(r"(debias|dvc|for) ", c) and not any(s in c for s in NEEDS_OUTSIDE)]
@@ -359,11 +368,14 @@ def test_readme_commands_run_as_written(project):
         assert (project / name).is_file(), name
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "before the sweep"], project)
+    assert any(written in command for command in sweep for written in MICRO_SWEEP), sweep
     for command in sweep:
+        for written, micro in MICRO_SWEEP.items():
+            command = command.replace(written, micro)
         run(["bash", "-c", f"export COLUMNS=120; {command}"], project)
     table = run(["bash", "-c", f"export COLUMNS=120; {next(c for c in sweep if 'dvc exp show' in c)}"], project).stdout
     assert "…" not in table and max(len(line) for line in table.splitlines()) <= 120, table
-    recipes = ["constant-eps", "p2-eps", "min_snr-eps"]
+    recipes = ["constant-eps-seed=0", "p2-eps-seed=0", "min_snr-eps-seed=0"]
     for name in (*recipes, "ddim.fid", "mse"):
         assert name in table, table
     names = dvc("exp", "ls", "--name-only", cwd=project).stdout.split()
@@ -380,10 +392,33 @@ def test_readme_commands_run_as_written(project):
     page = (project / "dvc_plots" / "index.html").read_text()
     assert all(f'"rev": "{name}"' in page for name in ["workspace", *names])
     # each recipe once (the workspace, its commit and an experiment repeating it are one)
-    rows = [line.split(" | ") for line in (project / "compare" / "comparison.md").read_text().splitlines()
-            if line.startswith("| ") and "---" not in line][1:]
+    first_table = (project / "compare" / "comparison.md").read_text().split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in first_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     weightings = [row[1] for row in rows]
     assert len(weightings) == len(set(weightings)) and {"debias", "constant", "p2", "min_snr"} <= set(weightings), rows
+
+
+def test_the_own_images_example_runs_as_written(project, tmp_path):
+    """The README's first example, on a folder of 12 colour images of odd sizes in a copy of the micro project:
+    `debias config` accepts the params and `dvc exp run` trains, samples and scores at 32² in colour."""
+    from PIL import Image
+
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    rng = np.random.default_rng(0)
+    (copy / "my_images").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(copy / "my_images" / f"{i}.png")
+    run(["git", "add", "-A"], copy)
+    run(["git", "commit", "-qm", "my images"], copy)
+    check, experiment = readme_commands("Your own images")
+    assert check.startswith("debias config") and experiment.startswith("dvc exp run")
+    assert "image_size: 32" in run(["bash", "-c", check], copy).stdout
+    run(["bash", "-c", experiment], copy)
+    assert np.load(copy / "data" / "prepared" / "images.npy", mmap_mode="r").shape == (12, 3, 32, 32)
+    with np.load(copy / "samples" / "ddim" / "steps_2.npz") as samples:
+        assert samples[samples.files[0]].shape[1:] in ((32, 32, 3), (3, 32, 32))
+    assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] > 0
 
 
 def test_another_recipe_never_erases_a_training_state(project):
@@ -577,7 +612,7 @@ def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "add", "-A"], copy)
     run(["git", "commit", "-qm", "the post-hoc EMA recipe"], copy)
-    train, sweep, rebuild = readme_commands("Beyond the paper: the EMA length chosen after training")
+    train, sweep, rebuild = readme_commands("Beyond the paper: the EMA length chosen after training", RECIPES_PAGE)
     assert train.startswith("dvc exp run") and sweep.startswith("for s in 0.05 ") and rebuild.startswith("debias phema")
     run(["bash", "-c", train], copy)
     assert sorted(p.name for p in (copy / "models" / "phema").iterdir()) == \

@@ -1,4 +1,4 @@
-"""Reliability and security (README "Guarantees"): the guarantees as tested facts.
+"""Reliability and security (docs/guarantees.md): the guarantees as tested facts.
 
 - Kill anywhere: SIGKILL of `debias sample` (.npz and .png), `debias fid` and the report writer at
   random (seeded) moments leaves the declared output absent or a complete earlier version, and a

@@ -15,12 +15,27 @@ All three return frozen dataclasses of plain floats and tuples, for ``dataclasse
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
 
 from debias.metrics.frechet import sqrt_psd
+
+
+_ROOTS: dict[str, np.ndarray] = {}  # Σ_r^½ by the digest of Σ_r: one square root per reference and process
+
+
+def reference_root(sigma_ref: np.ndarray) -> np.ndarray:
+    """Σ_r^½ of a reference covariance (D, D), computed once per process for the few references it scores
+    against (the FID and sFID statistics of the pipeline's reference, at every step count and solver)."""
+    key = hashlib.sha256(np.ascontiguousarray(sigma_ref).tobytes()).hexdigest()
+    if key not in _ROOTS:
+        if len(_ROOTS) >= 4:
+            _ROOTS.pop(next(iter(_ROOTS)))
+        _ROOTS[key] = sqrt_psd(sigma_ref)
+    return _ROOTS[key]
 
 
 class FrechetToReference:
@@ -44,7 +59,7 @@ class FrechetToReference:
             raise ValueError(f"need features (N, D), mu (D,) and sigma (D, D); got {x.shape}, {mu_ref.shape}, "
                              f"{sigma_ref.shape}")
         self.features = x
-        self._rooted = x @ sqrt_psd(sigma_ref)  # Z = X Σ_r^½, (N, D)
+        self._rooted = x @ reference_root(sigma_ref)  # Z = X Σ_r^½, (N, D)
         self._mu_ref = mu_ref
         self._trace_ref = float(np.trace(sigma_ref))
 
