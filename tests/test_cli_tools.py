@@ -238,8 +238,10 @@ def test_sweep_queues_every_combination_named_by_its_recipe(tmp_path, monkeypatc
     assert dry.output.splitlines() == [
         f"dvc exp run --queue -n {w}-x0-train.steps={n} -S weighting={w} -S target=x0 -S train.steps={n}"
         for w in ("constant", "p2") for n in (70, 140)]
-    assert cli("sweep", "--dry-run", "-S", "sample.ema_std=0.05").output.split()[5] == "debias-eps-sample.ema_std=0.05"
-    for bad in (["weighting=nope,p2"], ["train.stepz=3"], ["other.yaml:x=1"], ["weighting=constant,"]):
+    phema = cli("sweep", "--dry-run", "-S", "train.ema=phema", "-S", "sample.ema_std=0.05")
+    assert phema.output.split()[5] == "debias-eps-train.ema=phema-sample.ema_std=0.05", phema.output
+    for bad in (["weighting=nope,p2"], ["train.stepz=3"], ["other.yaml:x=1"], ["weighting=constant,"],
+                ["sample.ema_std=0.05"]):  # the last: a combination the checks across sections refuse
         assert_one_line_error(cli("sweep", "--dry-run", *(a for o in bad for a in ("-S", o))))
 
 

@@ -59,9 +59,17 @@ def test_overrides_use_dvc_syntax():
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
-        config_from_dict({}, overrides)
+        config_from_dict({}, overrides, pipeline=True)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_set_sizes_are_checked_for_the_pipeline_only():
+    """A command that trains or samples scores nothing: 32 images pass for it, while the pipeline (its stages,
+    `debias config`) refuses the KID subset of 100 that evaluate@ would refuse."""
+    assert config_from_dict({}, ["data.max_images=32"]).data.max_images == 32
+    with pytest.raises(ConfigError, match="eval.kid_subset_size: KID subset size 100 is larger"):
+        config_from_dict({}, ["data.max_images=32"], pipeline=True)
 
 
 FOLDER_64 = ["data.name=folder", "data.path=images", "data.image_size=64", "data.channels=3"]

@@ -145,16 +145,19 @@ def test_an_edit_invalidates_only_the_stages_that_execute_it(project):
 
 def test_the_cli_runs_the_stages_jobs(project, tmp_path):
     """`debias sample`, `debias fid` and `debias analyze` on the project's params give what sample@ddim,
-    evaluate@ddim and analyze wrote: the same samples (bytes), metrics (keys and values) and tables."""
+    evaluate@ddim and analyze wrote: the same samples (bytes), metrics and intervals (keys and values) and tables."""
+    from debias.jobs.evaluate import interval_columns
+
     debias = [sys.executable, "-m", "debias"]
     run([*debias, "sample", "models/model.pt", "--solver", "ddim", "--steps", "2", "--out", str(tmp_path / "s.npz")],
         project)
     assert (tmp_path / "s.npz").read_bytes() == (project / "samples" / "ddim" / "steps_2.npz").read_bytes()
     run([*debias, "fid", "samples/ddim/steps_2.npz", "--out", str(tmp_path / "fid.json")], project)
     scored = json.loads((tmp_path / "fid.json").read_text())
-    provenance = scored.pop("provenance")
+    provenance, intervals = scored.pop("provenance"), scored.pop("intervals")
+    assert intervals == json.loads((project / "metrics" / "ddim.intervals.json").read_text())["2"]
     staged = dict(zip(*[line.split("\t") for line in (project / "metrics" / "ddim_vs_steps.tsv").read_text().splitlines()[:2]]))
-    assert set(scored) == set(staged) - {"steps", "seconds"}
+    assert set(scored) == set(staged) - {"steps", "seconds"} - set(interval_columns(intervals))
     assert {key: repr(value) for key, value in scored.items()} == {key: staged[key] for key in scored}
     headline = json.loads((project / "metrics" / "ddim.json").read_text())["ddim"]
     assert {key: scored[key] for key in headline} == headline

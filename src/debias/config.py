@@ -310,12 +310,14 @@ class Config:
         return {k: v for k, v in self.to_dict().items() if k in TRAINING_SECTIONS}
 
 
-def check_across_sections(cfg: Config) -> None:
+def check_across_sections(cfg: Config, pipeline: bool = False) -> None:
     """ConfigError for what a later stage would refuse, in its words (:mod:`debias.limits`): a UNet that the data and
     model params cannot build; a step count that a solver's grid cannot place on the chain of diffusion.steps
-    (sample.steps of each of sample.solvers, analyze.color_steps, analyze.fid_steps); set sizes that eval.metrics
-    cannot use; sample.ema_std without train.ema: phema. Run by :func:`config_from_dict`, not by the dataclasses,
-    so that a command's flags (``dataclasses.replace``) answer to the checks of the code they reach."""
+    (sample.steps of each of sample.solvers, analyze.color_steps, analyze.fid_steps); sample.ema_std without
+    train.ema: phema; and with ``pipeline`` (the stages, `debias config`, `debias sweep`: the whole pipeline will
+    run) set sizes that eval.metrics cannot use — a command that trains or samples scores nothing. Run by
+    :func:`config_from_dict`, not by the dataclasses, so that a command's flags (``dataclasses.replace``) answer to
+    the checks of the code they reach."""
     d, m, s, e, a = cfg.data, cfg.model, cfg.sample, cfg.eval, cfg.analyze
     runs = [*((solver, steps, "sample.steps") for solver in s.solvers for steps in s.steps),
             *((a.color_solver, steps, "analyze.color_steps") for steps in a.color_steps),
@@ -325,7 +327,8 @@ def check_across_sections(cfg: Config) -> None:
     problems = [unet_problem(d.image_size, m.model_channels, m.channel_mult, m.attention_resolutions, m.num_head_channels),
                 *(grid_problem(key, cfg.diffusion.steps, solver, steps, s.spacing, s.denoise_to_zero, s.preset)
                   for solver, steps, key in runs),
-                sets_problem(e.metrics, s.num_samples, references, e.kid_subset_size, e.pr_k, e.fid_infinity),
+                sets_problem(e.metrics, s.num_samples, references, e.kid_subset_size, e.pr_k, e.fid_infinity)
+                if pipeline else None,
                 ("sample.ema_std", "needs train.ema: phema (the post-hoc EMA is rebuilt from the profiles it keeps)")
                 if s.ema_std is not None and cfg.train.ema != "phema" else None]
     for problem in problems:
@@ -333,17 +336,18 @@ def check_across_sections(cfg: Config) -> None:
             raise ConfigError(": ".join(problem))
 
 
-def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
+def config_from_dict(raw: dict, overrides: typing.Iterable[str] = (), pipeline: bool = False) -> Config:
     """Validate a nested dict (plus overrides) into a :class:`Config`: each section, then across them
-    (:func:`check_across_sections`)."""
+    (:func:`check_across_sections`; ``pipeline``: for every stage of the pipeline)."""
     if raw is None:
         raw = {}
     require(isinstance(raw, dict), "params", "must be a mapping of sections")
     cfg = build(Config, apply_overrides(copy.deepcopy(raw), overrides))
-    check_across_sections(cfg)
+    check_across_sections(cfg, pipeline)
     return cfg
 
 
-def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str] = ()) -> Config:
-    """Read and validate a params file. Raises :class:`ConfigError` with one line on any problem."""
-    return config_from_dict(read_params(path), overrides)
+def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str] = (), pipeline: bool = False) -> Config:
+    """Read and validate a params file (``pipeline``: for every stage of the pipeline, :func:`check_across_sections`).
+    Raises :class:`ConfigError` with one line on any problem."""
+    return config_from_dict(read_params(path), overrides, pipeline)

@@ -84,4 +84,4 @@ def run_stage(job: Callable[[Config, list[str]], None]) -> None:
     a job relaunches under torchrun on several GPUs); a user error is one line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
-        job(load_config(PARAMS), list(sys.argv))
+        job(load_config(PARAMS, pipeline=True), list(sys.argv))

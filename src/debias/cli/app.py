@@ -106,14 +106,14 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def load_params(params: Path | None, sets: list[str] | None):
+def load_params(params: Path | None, sets: list[str] | None, pipeline: bool = False):
     """The validated :class:`~debias.config.Config` of ``params`` (default ./params.yaml, or the built-in
-    defaults when it does not exist) with ``sets`` applied."""
+    defaults when it does not exist) with ``sets`` applied (``pipeline``: checked for every stage of the pipeline)."""
     from debias.config import config_from_dict, load_config
 
     if params is None and not PARAMS.exists():
-        return config_from_dict({}, sets or [])
-    return load_config(params or PARAMS, sets or [])
+        return config_from_dict({}, sets or [], pipeline)
+    return load_config(params or PARAMS, sets or [], pipeline)
 
 
 def with_flags(section: Any, **flags: Any) -> Any:

@@ -41,7 +41,7 @@ def experiment_config(overrides: list[str]):
             apply_overrides(params, overrides)
         except InvalidArgumentError as err:
             raise DebiasError(f"-S {' '.join(overrides)}: {err.__cause__ or err}") from None
-        return load_config(params)
+        return load_config(params, pipeline=True)
 
 
 def expand_grid(sets: list[str]) -> list[list[str]]:

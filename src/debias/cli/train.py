@@ -103,12 +103,13 @@ def prune_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[st
 @app.command("config")
 @user_errors
 def config_command(params: Optional[Path] = PARAMS_OPTION, set_: Optional[list[str]] = SET_OPTION) -> None:
-    """Validate the params (plus overrides) and print them resolved, as YAML; notes on stderr."""
+    """Validate the params (plus overrides) for every stage of the pipeline and print them resolved, as YAML;
+    notes on stderr."""
     import yaml
 
     from debias.limits import training_notes
 
-    cfg = load_params(params, set_)
+    cfg = load_params(params, set_, pipeline=True)
     for note in training_notes(cfg.train.steps, cfg.train.warmup_steps, cfg.train.snapshot_steps):
         typer.echo(note, err=True)
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
