@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from common import CONFIGS, add_common_args, config_for, config_names, run_configs, start
-from debias.data.prepared import PreparedSet, open_prepared, write_prepared
+from debias.data.prepared import PreparedSet, write_prepared
 from debias.data.sets import ImageBlocks
 from debias.models.factory import unet_kwargs_for
 from debias.runtime import Ranks

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import debias.train.loop as loop
+import debias.diffusion.objective as objective
 from debias.checkpoints import FORMAT, FORMAT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
 from debias.cli import app
 from debias.config import config_from_dict
@@ -656,9 +656,9 @@ def test_fp16_needs_cuda_and_falls_back_to_bf16_on_cpu(caplog, tmp_path):
 
 
 def overflowing_at(call: int):
-    """The training loop's diffusion_loss, except that call number ``call`` (0-based) returns a finite mean loss of
+    """The objective's diffusion_loss, except that call number ``call`` (0-based) returns a finite mean loss of
     1e37, so that loss * scale = inf and every gradient overflows."""
-    real, calls = loop.diffusion_loss, []
+    real, calls = objective.diffusion_loss, []
 
     def loss(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -679,7 +679,7 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
     unet_kwargs = unet_kwargs_for(cfg, dataset.num_classes)
     trainer = Trainer(cfg, dataset, unet_kwargs, torch.device("cpu"), Ranks(), run_logs(cfg, tmp_path, torch.device("cpu"), Ranks()))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
-    monkeypatch.setattr(loop, "diffusion_loss", overflowing_at(1))
+    monkeypatch.setattr(objective, "diffusion_loss", overflowing_at(1))
     weights = []
     for k in range(4):
         trainer.step(k)
@@ -696,7 +696,7 @@ def test_overflowing_gradients_skip_the_step_and_halve_the_scale(monkeypatch, tm
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a GradScaler needs CUDA")
 def test_fp16_training_on_cuda_recovers_from_overflow(monkeypatch, tmp_path):
-    monkeypatch.setattr(loop, "diffusion_loss", overflowing_at(2))
+    monkeypatch.setattr(objective, "diffusion_loss", overflowing_at(2))
     cfg = config_from_dict({}, [*MICRO, "train.precision=fp16", "train.devices=cuda", "train.steps=6"])
     train(cfg, tmp_path, progress=False)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)

@@ -206,7 +206,7 @@ def test_compile_options_are_wired(monkeypatch, tmp_path):
     generate(golden_diffusion(inference_network(model, torch.device("cpu"), compile=True)), plan_for("ddim", seed=0, batch_size=2), 2, 2)
     assert compiled == [model]
     run = trainer("fp32", tmp_path, compile=True)
-    assert compiled[-1] is run.model
+    assert compiled[-1] is run.network  # the UNet with the learned-weighting head, as DDP wraps it
     run.step(0)
 
 

@@ -1,9 +1,8 @@
 """Typed, validated configuration: one frozen dataclass per params.yaml section.
 
-``load_config(path, overrides)`` reads params.yaml, applies ``key.sub=value`` overrides (the syntax
-of ``dvc exp run -S``; values parsed as YAML), and validates everything once (:mod:`debias.schema`): each
-section by itself, then what a later stage would refuse across sections (:func:`check_across_sections`). The first
-problem is raised as a :class:`ConfigError` whose message names the key and what is allowed.
+``load_config(path, overrides)`` reads params.yaml, applies ``key.sub=value`` overrides (``dvc exp run -S``'s syntax, values
+in YAML) and validates once (:mod:`debias.schema`): each section, then what a later stage would refuse across sections
+(:func:`check_across_sections`). The first problem is a :class:`ConfigError` naming the key and what is allowed.
 
 Names (weightings, targets, schedules, datasets, solvers, spacings, metrics, devices, precisions) come
 from :mod:`debias.catalog`, which every registry implements; the dataclass defaults are the values params.yaml spells out
@@ -77,7 +76,7 @@ class ModelConfig:
         require(1 <= self.model_channels <= 4096, "model.model_channels", "must be in [1, 4096]")
         require(self.model_channels % 32 == 0, "model.model_channels", "must be a multiple of 32 (GroupNorm uses 32 groups)")
         require(1 <= len(self.channel_mult) <= 12 and all(1 <= m <= 64 for m in self.channel_mult),
-                 "model.channel_mult", "must be a list of 1 to 12 integers in [1, 64]")
+                "model.channel_mult", "must be a list of 1 to 12 integers in [1, 64]")
         require(1 <= self.num_res_blocks <= 64, "model.num_res_blocks", "must be in [1, 64]")
         require(all(r >= 1 for r in self.attention_resolutions), "model.attention_resolutions", "must be positive")
         require(self.num_head_channels >= 1, "model.num_head_channels", "must be >= 1")
@@ -247,8 +246,7 @@ class EvalConfig:
         require(self.bootstrap == 0 or self.bootstrap >= 10, "eval.bootstrap", "must be 0 (no intervals) or >= 10")
         require(0 < self.interval_level < 1, "eval.interval_level", "must be in (0, 1), e.g. 0.95")
         require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        require(self.reference_images is None or self.reference_images >= 2, "eval.reference_images",
-                 "must be >= 2 or null")
+        require(self.reference_images is None or self.reference_images >= 2, "eval.reference_images", "must be >= 2 or null")
         one_of(self.device, DEVICES, "eval.device")
 
 
@@ -338,9 +336,8 @@ def check_across_sections(cfg: Config, pipeline: bool = False) -> None:
 
 def config_from_dict(raw: dict, overrides: typing.Iterable[str] = (), pipeline: bool = False) -> Config:
     """Validate a nested dict (plus overrides) into a :class:`Config`: each section, then across them
-    (:func:`check_across_sections`; ``pipeline``: for every stage of the pipeline)."""
-    if raw is None:
-        raw = {}
+    (:func:`check_across_sections`; ``pipeline``: for every stage)."""
+    raw = {} if raw is None else raw
     require(isinstance(raw, dict), "params", "must be a mapping of sections")
     cfg = build(Config, apply_overrides(copy.deepcopy(raw), overrides))
     check_across_sections(cfg, pipeline)

@@ -36,8 +36,10 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 def from_uint8(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion); a new tensor."""
-    return torch.as_tensor(images).float().div_(127.5).sub_(1.0)
+    """uint8 (N, C, H, W) → float32 in [-1, 1] (x / 127.5 − 1, as guided-diffusion); a new, contiguous tensor (a
+    decoder's (N, H, W, C) array transposed would otherwise stay channels-last in memory, and the network would
+    round differently on it than on the same images read from the prepared array)."""
+    return torch.as_tensor(images).contiguous().float().div_(127.5).sub_(1.0)
 
 
 def checked_images(images: Tensor | np.ndarray, what: str = "images") -> Tensor:
