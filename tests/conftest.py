@@ -1,17 +1,28 @@
 """Shared fixtures: golden tensors from the original implementation (see tests/fixtures/README.md) and the micro
-pipeline project (tests/micro_project.py), one per test module that uses it."""
+pipeline project (tests/micro_project.py), reproduced once per run and copied for each test module that uses it."""
 
+import fcntl
+import os
+import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# `pytest -n 2` (pyproject.toml) runs two workers on two cores: one thread each, for them and the commands they
+# start, since torch's threads spinning against the other worker's slow small-tensor tests down tenfold
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
-from micro_project import make_project
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from micro_project import make_project  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# the modules that take longest (each builds and reuses a micro pipeline project): started first, so that the two
-# workers of `pytest -n 2 --dist loadfile` (pyproject.toml) finish together
-SLOWEST_FIRST = ("test_experiments.py", "test_pipeline.py")
+# the module that takes longest (its tests run whole experiments in the micro project): started first, so that
+# the two workers of `pytest -n 2 --dist loadfile` (pyproject.toml) finish together
+SLOWEST_FIRST = ("test_experiments.py",)
 
 
 def pytest_collection_modifyitems(items):
@@ -28,7 +39,26 @@ def golden(request) -> dict:
     return load_fixture(request.param)
 
 
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """The micro project reproduced once per test run: by the first worker that asks (`pytest -n 2`), the other
+    waiting for it. Never changed: each module works on its own copy."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root  # the workers' shared folder
+    template, done = root / "micro_project", root / "micro_project.done"
+    with open(root / "micro_project.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(template, ignore_errors=True)
+            template.mkdir()
+            make_project(template)
+            done.touch()
+    return template
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(built_project, tmp_path_factory) -> Path:
     """A reproduced micro project of this test module's own (its tests change it in order)."""
-    return make_project(tmp_path_factory.mktemp("project"))
+    copy = tmp_path_factory.mktemp("project")
+    shutil.copytree(built_project, copy, symlinks=True, dirs_exist_ok=True)
+    return copy

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def test_experiment_with_another_weighting(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)
-    dvc("exp", "run", "-S", "weighting=p2", "-n", "p2-run", cwd=project)
+    dvc("exp", "run", "--temp", "-S", "weighting=p2", "-n", "p2-run", cwd=project)  # the workspace stays debias
     table = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     from debias.comparison import experiments_from_exp_show
 
@@ -40,8 +40,7 @@ README = REPO / "README.md"
 RECIPES_PAGE = REPO / "docs" / "recipes.md"
 # README commands that need what a test cannot have: a released 256x256 checkpoint, a GPU
 NEEDS_OUTSIDE = ("ema_0.9999_", "VIRTUAL_", "--device cuda", "celebahq")
-# the micro project samples 2 and 4 steps, not the default's 20
-# the README's CLI block at the micro project's sizes: its step count, its reference set (digits has 1797 images)
+# the README's CLI block at the micro project's sizes: its sample step count (2 and 4, not 20), training steps, its reference set (digits has 1797 images)
 MICRO_NAMES = {"steps_20.npz": "steps_4.npz", "train.steps=500": "train.steps=12", "--reference-images 1000": "--reference-images 16"}
 # the README's sweep queues 4 recipes x 3 seeds (12 runs); the test runs each other recipe once, seed 0
 MICRO_SWEEP = {"-S weighting=constant,p2,min_snr,debias -S seed=0,1,2": "-S weighting=constant,p2,min_snr -S seed=0"}
@@ -130,15 +129,16 @@ def test_the_own_images_example_runs_as_written(project, tmp_path):
 
 
 def test_another_recipe_never_erases_a_training_state(project):
-    """`dvc exp run -S weighting=constant` trains into its own state; after `dvc exp apply` of the
-    baseline, `dvc repro` re-exports the baseline without training and a longer run resumes it."""
+    """`dvc exp run train -S weighting=snr` (a recipe no other test trains) trains into its own state; after `dvc exp
+    apply` of the baseline, `dvc repro` re-exports the baseline without training and a longer run resumes it (the
+    experiments run up to the train stage: the states are its business)."""
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline for the recipe-state test", "--allow-empty"], project)
     dvc("exp", "run", "-n", "state-baseline", cwd=project)
     states = project / "checkpoints"
     before = {p.name: (p / "checkpoint.pt").read_bytes() for p in states.iterdir()}
     model = (project / "models" / "model.pt").read_bytes()
-    dvc("exp", "run", "-n", "state-constant", "-S", "weighting=constant", cwd=project)
+    dvc("exp", "run", "train", "-n", "state-snr", "-S", "weighting=snr", cwd=project)
     after = {p.name: (p / "checkpoint.pt").read_bytes() for p in states.iterdir()}
     assert set(before) < set(after) and all(after[name] == data for name, data in before.items())
     dvc("exp", "apply", "state-baseline", cwd=project)
@@ -146,7 +146,7 @@ def test_another_recipe_never_erases_a_training_state(project):
     assert "Running stage 'train'" not in repro.stdout or "already trained" in repro.stdout + repro.stderr
     assert (project / "models" / "model.pt").read_bytes() == model
     log = (project / "logs" / "train_log.tsv").read_text()
-    longer = dvc("exp", "run", "-n", "state-longer", "-S", f"train.steps={MICRO['train']['steps'] + 6}", cwd=project)
+    longer = dvc("exp", "run", "train", "-n", "state-longer", "-S", f"train.steps={MICRO['train']['steps'] + 6}", cwd=project)
     assert f"resuming at step {MICRO['train']['steps']}" in longer.stdout + longer.stderr
     resumed = (project / "logs" / "train_log.tsv").read_text()
     assert resumed.startswith(log) and len(resumed.splitlines()) == len(log.splitlines()) + 2
@@ -154,9 +154,10 @@ def test_another_recipe_never_erases_a_training_state(project):
 
 def micro_copy(project: Path, folder: Path, **params) -> Path:
     """A copy of the micro project at its micro params (earlier tests leave other values) plus ``params``, with
-    no training state, committed."""
+    no training state and no run cache (which would restore a recipe's outputs instead of training it), committed."""
     shutil.copytree(project, folder, symlinks=True)
     shutil.rmtree(folder / "checkpoints")
+    shutil.rmtree(folder / ".dvc" / "cache" / "runs", ignore_errors=True)
     values = yaml.safe_load((folder / "params.yaml").read_text())
     values["weighting"] = "debias"
     values["train"].update(MICRO["train"])

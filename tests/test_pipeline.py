@@ -131,7 +131,7 @@ def test_stages_under_torchrun_equal_one_process(project):
              project / "metrics" / "ddim_vs_steps.tsv", *[project / "plots" / f"{name}.tsv" for name in
                                                           ("x0_bias", "color_shift", "fid_vs_train")]]
     metrics = project / "metrics" / "ddim.json"
-    kept = {path: path.read_bytes() for path in [*exact, metrics, project / "metrics" / "ddim.provenance.json",
+    kept = {path: path.read_bytes() for path in [*exact, metrics, *(project / "metrics").glob("ddim.*.json"),
                                                  *(project / "plots" / "figures").iterdir()]}
     results = []
     for launcher in ([sys.executable], TORCHRUN):
