@@ -89,6 +89,22 @@ def test_fid_matches_scipy_sqrtm():
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.parametrize("n", [40, 2100])
+def test_fid_of_fewer_samples_than_dimensions_takes_the_reference_root(weights, n):
+    """compute_metrics' FID: N < D through FrechetToReference (the estimate the bootstrap resamples, to the bit),
+    N ≥ D through frechet_distance (to the bit); the two routes agree to 1e-7 relative."""
+    from debias.metrics.intervals import FrechetToReference
+
+    gen = Features(torch.from_numpy(synthetic_features(n=n, dim=2048, seed=1) * 1.2), {"weights_sha256": weights.sha256})
+    ref = fake_features(weights, 2100)
+    x = gen.values.double().numpy()
+    mu, sigma = stats(ref.values.double().numpy())
+    fid = compute_metrics(gen, ref, weights, metrics=("fid",))["fid"]
+    d_by_d = frechet_distance(*stats(x), mu, sigma)
+    assert fid == (FrechetToReference(x, mu, sigma)() if n < 2048 else d_by_d)
+    assert fid == pytest.approx(d_by_d, rel=1e-7)
+
+
 def test_feature_stats_and_features_round_trip(tmp_path):
     x = torch.from_numpy(synthetic_features(n=50, dim=8))
     st = FeatureStats.from_features(x, "abc")
