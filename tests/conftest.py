@@ -20,13 +20,16 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# the module that takes longest (its tests run whole experiments in the micro project): started first, so that
-# the two workers of `pytest -n 2 --dist loadfile` (pyproject.toml) finish together
-SLOWEST_FIRST = ("test_experiments.py",)
+# the modules that take longest, longest first (measured with `pytest --durations=0`): `pytest -n 2 --dist loadfile
+# --no-loadscope-reorder` (pyproject.toml) hands whole modules to the two workers in this order, so that they finish
+# together; test_experiments.py builds the micro project while the other worker runs modules that do not need it
+SLOWEST_FIRST = ("test_experiments.py", "test_speed_options.py", "test_hostile.py", "test_training.py",
+                 "test_upstream.py", "test_pipeline.py", "test_metrics.py", "test_reliability.py", "test_scale.py")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in SLOWEST_FIRST)  # stable: each module keeps its order
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 def load_fixture(name: str) -> dict:

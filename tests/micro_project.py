@@ -25,8 +25,12 @@ MICRO = {
                 "fid_steps": 2},
 }
 
-def run(args, cwd, check=True, threads=None):
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+
+def run(args, cwd, check=True):
+    """``args`` run in ``cwd``, this venv first on PATH, on one thread (as torchrun and `pytest -n 2` give their
+    processes): every file the micro project's commands write is bitwise comparable with any other run's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

@@ -128,6 +128,37 @@ def test_the_own_images_example_runs_as_written(project, tmp_path):
     assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] > 0
 
 
+def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
+    """The README's post-hoc EMA commands, in order, on the micro recipe (learned weighting, a snapshot every
+    3 steps): `dvc exp run -S train.ema=phema` exports the profiles to models/phema/, each `-S
+    sample.ema_std=…` then reruns only sampling and scoring (and the report), from the EMA of that length
+    rebuilt post hoc, and `debias phema` writes that EMA as a checkpoint."""
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())  # earlier tests leave other values behind
+    params["train"].update(steps=MICRO["train"]["steps"], phema_every=3)
+    params["weighting"] = "learned"
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], copy)
+    run(["git", "commit", "-qm", "the post-hoc EMA recipe"], copy)
+    train, sweep, rebuild = readme_commands("Beyond the paper: the EMA length chosen after training", RECIPES_PAGE)
+    assert train.startswith("dvc exp run") and sweep.startswith("for s in 0.05 ") and rebuild.startswith("debias phema")
+    run(["bash", "-c", train], copy)
+    assert sorted(p.name for p in (copy / "models" / "phema").iterdir()) == \
+        [f"phema-{s:07d}.pt" for s in (3, 6, 9, 12)]
+    fid = json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"]
+    swept = run(["bash", "-c", sweep.replace("0.05 0.10 0.15 0.20 0.25", "0.13")], copy).stdout  # one length of five
+    ran = {line.split("'")[1] for line in swept.splitlines() if line.startswith("Running stage")}
+    assert ran == {"sample@ddim", "sample@unipc", "evaluate@ddim", "evaluate@unipc", "report"}, swept
+    assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] != fid
+    assert "ema-std-0.13" in dvc("exp", "ls", "--name-only", cwd=copy).stdout.split()
+    run(["bash", "-c", rebuild], copy)
+    out = copy / rebuild.split("--out ")[1].split()[0]
+    assert list(load_checkpoint(out).ema) == ["phema-0.13"]
+    plots = json.loads((copy / "logs" / "dvclive" / "plots" / "custom" / "weighting.json").read_text())
+    assert any(point["u"] != 0 for point in plots)
+
+
 def test_another_recipe_never_erases_a_training_state(project):
     """`dvc exp run train -S weighting=snr` (a recipe no other test trains) trains into its own state; after `dvc exp
     apply` of the baseline, `dvc repro` re-exports the baseline without training and a longer run resumes it (the
@@ -306,34 +337,3 @@ def test_concurrent_experiments_claim_disjoint_gpus(project, tmp_path):
         for proc in procs:
             proc.kill()
             proc.wait()
-
-
-def test_the_ema_length_is_swept_without_retraining(project, tmp_path):
-    """The README's post-hoc EMA commands, in order, on the micro recipe (learned weighting, a snapshot every
-    3 steps): `dvc exp run -S train.ema=phema` exports the profiles to models/phema/, each `-S
-    sample.ema_std=…` then reruns only sampling and scoring (and the report), from the EMA of that length
-    rebuilt post hoc, and `debias phema` writes that EMA as a checkpoint."""
-    copy = tmp_path / "project"
-    shutil.copytree(project, copy, symlinks=True)
-    params = yaml.safe_load((copy / "params.yaml").read_text())  # earlier tests leave other values behind
-    params["train"].update(steps=MICRO["train"]["steps"], phema_every=3)
-    params["weighting"] = "learned"
-    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "add", "-A"], copy)
-    run(["git", "commit", "-qm", "the post-hoc EMA recipe"], copy)
-    train, sweep, rebuild = readme_commands("Beyond the paper: the EMA length chosen after training", RECIPES_PAGE)
-    assert train.startswith("dvc exp run") and sweep.startswith("for s in 0.05 ") and rebuild.startswith("debias phema")
-    run(["bash", "-c", train], copy)
-    assert sorted(p.name for p in (copy / "models" / "phema").iterdir()) == \
-        [f"phema-{s:07d}.pt" for s in (3, 6, 9, 12)]
-    fid = json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"]
-    swept = run(["bash", "-c", sweep.replace("0.05 0.10 0.15 0.20 0.25", "0.13")], copy).stdout  # one length of five
-    ran = {line.split("'")[1] for line in swept.splitlines() if line.startswith("Running stage")}
-    assert ran == {"sample@ddim", "sample@unipc", "evaluate@ddim", "evaluate@unipc", "report"}, swept
-    assert json.loads((copy / "metrics" / "ddim.json").read_text())["ddim"]["fid"] != fid
-    assert "ema-std-0.13" in dvc("exp", "ls", "--name-only", cwd=copy).stdout.split()
-    run(["bash", "-c", rebuild], copy)
-    out = copy / rebuild.split("--out ")[1].split()[0]
-    assert list(load_checkpoint(out).ema) == ["phema-0.13"]
-    plots = json.loads((copy / "logs" / "dvclive" / "plots" / "custom" / "weighting.json").read_text())
-    assert any(point["u"] != 0 for point in plots)

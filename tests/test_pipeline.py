@@ -7,18 +7,17 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-
 from micro_project import MICRO, dvc, run
+from processes import chunk_names, kill_at_chunks
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +124,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def test_stages_under_torchrun_equal_one_process(project):
     """prepare (its reference features), sample@ddim, evaluate@ddim and analyze under torchrun (2 gloo
-    processes) write bitwise the files of one process (one thread each, as torchrun gives its processes)."""
+    processes) write bitwise the files that `dvc repro` wrote in one process (one thread each, as torchrun gives
+    its processes: tests/micro_project.py)."""
     stages = [["prepare.py"], ["sample.py", "ddim"], ["evaluate.py", "ddim"], ["analyze.py"]]
     exact = [project / "data" / "reference_features.npz", *[project / "samples" / "ddim" / f"steps_{n}.npz" for n in (2, 4)],
              project / "metrics" / "ddim_vs_steps.tsv", *[project / "plots" / f"{name}.tsv" for name in
@@ -133,20 +133,22 @@ def test_stages_under_torchrun_equal_one_process(project):
     metrics = project / "metrics" / "ddim.json"
     kept = {path: path.read_bytes() for path in [*exact, metrics, *(project / "metrics").glob("ddim.*.json"),
                                                  *(project / "plots" / "figures").iterdir()]}
-    results = []
-    for launcher in ([sys.executable], TORCHRUN):
-        for stage in stages:
-            run([*launcher, f"stages/{stage[0]}", *stage[1:]], project, threads=1)
-        results.append(([path.read_bytes() if path.suffix == ".npz" else without_seconds_tsv(path) for path in exact],
-                        json.loads(metrics.read_text())))
-    assert results[1] == results[0]
-    assert results[0][0][1:3] == [kept[path] for path in exact[1:3]]  # the samples are what `dvc repro` wrote
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}  # the files are those of `dvc repro`
+
+    def written() -> tuple[list, dict]:
+        return ([path.read_bytes() if path.suffix == ".npz" else without_seconds_tsv(path) for path in exact],
+                json.loads(metrics.read_text()))
+
+    one_process = written()
+    for stage in stages:
+        run([*TORCHRUN, f"stages/{stage[0]}", *stage[1:]], project)
+    assert written() == one_process
     for path, data in kept.items():
         path.write_bytes(data)
     # the train stage under a torchrun started by hand: rank 0 alone takes the recipe's lock (the others must not
     # wait for it), and the finished state is re-exported unchanged
     model = (project / "models" / "model.pt").read_bytes()
-    run([*TORCHRUN, "stages/train.py"], project, threads=1)
+    run([*TORCHRUN, "stages/train.py"], project)
     assert (project / "models" / "model.pt").read_bytes() == model
     assert "Running stage" not in dvc("repro", "--dry", cwd=project).stdout
 
@@ -171,22 +173,23 @@ def test_sigkill_of_the_sample_stage_resumes_with_only_the_missing_chunks(projec
         (runs[name] / "models").mkdir()
         shutil.copy(project / "models" / "model.pt", runs[name] / "models")
         (runs[name] / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    began = time.monotonic()
-    run([sys.executable, "stages/sample.py", "ddim"], runs["reference"], threads=1)
-    span = time.monotonic() - began
+    run([sys.executable, "stages/sample.py", "ddim"], runs["reference"])
     folder = runs["killed"]
     everything = {f"{a:08d}-{min(a + 10, 150):08d}.npz" for a in range(0, 150, 10)}
     line = re.compile(r"samples/ddim/steps_(\d+)\.npz: (\d+) of 15 chunks already sampled; sampling (.*)$", re.M)
+    chunks = {n: folder / "chunks" / "ddim" / f"steps_{n}" for n in (2, 5)}
     rng, resumed = random.Random(1), 0
-    for attempt in range(8):
-        before = {n: {p.name for p in (folder / "chunks" / "ddim" / f"steps_{n}").glob("*.npz")} for n in (2, 5)}
+    for _ in range(31):
+        before = {n: chunk_names(chunks[n]) for n in (2, 5)}
         proc = subprocess.Popen([sys.executable, "stages/sample.py", "ddim"], cwd=folder, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            _, log = proc.communicate(timeout=rng.uniform(0.3, 0.95) * span if attempt < 7 else 300)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            _, log = proc.communicate()
+        target = sum(map(len, before.values())) + rng.randint(1, 8)  # 30 chunks in all: from there on to the end
+        with ThreadPoolExecutor(1) as reader:  # stderr read while it runs, so that a full pipe never stalls it
+            log = reader.submit(proc.stderr.read)
+            if target < 30:
+                kill_at_chunks(proc, list(chunks.values()), target)
+            log = log.result()
+        proc.wait()
         for steps, found, sampling in line.findall(log):
             assert int(found) == len(before[int(steps)]), log
             missing = everything - before[int(steps)]
