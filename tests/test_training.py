@@ -297,7 +297,8 @@ def test_torchrun_ranks_stop_at_the_same_step_whichever_the_signal_reaches(tmp_p
 @pytest.mark.parametrize("recipe", [[], ["weighting=learned", "train.ema=phema", "train.phema_every=2"]])
 def test_two_gloo_processes_match_one(tmp_path, recipe):
     """The same weights and logs — with weighting: learned also the same uncertainty head (inside the
-    DDP-wrapped module: its gradients are averaged with every other parameter's), with train.ema: phema the same profiles."""
+    DDP-wrapped module: its gradients are averaged with every other parameter's), with train.ema: phema the
+    same profiles."""
     overrides = ["train.steps=4", "train.log_every=2", "train.warmup_steps=0", "train.lr=0.0001", "model.dropout=0.0",
                  *recipe]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
