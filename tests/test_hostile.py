@@ -243,8 +243,9 @@ RESUME_DAMAGE = {
 }
 
 
-RESUME_MICRO = ["-S", "train.checkpoint_every=2", "-S", "model.channel_mult=[1]", "-S", "model.attention_resolutions=[]",
-                "-S", "diffusion.steps=50", "-S", "train.batch_size=8", "-S", "data.max_images=16", "--no-progress"]
+RESUME_MICRO = ["--no-progress", "-S", "train.checkpoint_every=2", "-S", "model.channel_mult=[1]",
+                "-S", "model.attention_resolutions=[]", "-S", "diffusion.steps=50", "-S", "train.batch_size=8",
+                "-S", "data.max_images=16"]
 
 
 @pytest.fixture(scope="module")

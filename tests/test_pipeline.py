@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,15 +180,14 @@ def test_sigkill_of_the_sample_stage_resumes_with_only_the_missing_chunks(projec
     rng, resumed = random.Random(1), 0
     for _ in range(31):
         before = {n: chunk_names(chunks[n]) for n in (2, 5)}
-        proc = subprocess.Popen([sys.executable, "stages/sample.py", "ddim"], cwd=folder, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        target = sum(map(len, before.values())) + rng.randint(1, 8)  # 30 chunks in all: from there on to the end
-        with ThreadPoolExecutor(1) as reader:  # stderr read while it runs, so that a full pipe never stalls it
-            log = reader.submit(proc.stderr.read)
+        with (tmp_path / "stage.log").open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "stages/sample.py", "ddim"], cwd=folder, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            target = sum(map(len, before.values())) + rng.randint(1, 8)  # 30 chunks in all: from there on to the end
             if target < 30:
                 kill_at_chunks(proc, list(chunks.values()), target)
-            log = log.result()
-        proc.wait()
+            proc.wait(timeout=300)
+        log = (tmp_path / "stage.log").read_text()
         for steps, found, sampling in line.findall(log):
             assert int(found) == len(before[int(steps)]), log
             missing = everything - before[int(steps)]

@@ -220,7 +220,8 @@ def _frechet(features: Tensor, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> flo
     scoring many step counts, solvers or snapshots costs one D×D root in all; it takes the rank-deficient
     covariance's zero eigenvalues as exact zeros, where the D×D route adds ~√ε of round-off for each (the
     two differ by 2e-7–8e-7 relative on the default run's 128 Inception features, by ~3e-8 on Gaussian ones:
-    tests/test_intervals.py), and it is the estimate the bootstrap interval resamples. N ≥ D: the D×D route of :func:`debias.metrics.frechet.frechet_distance`.
+    tests/test_intervals.py), and it is the estimate the bootstrap interval resamples.
+    N ≥ D: the D×D route of :func:`debias.metrics.frechet.frechet_distance`.
     """
     x = features.to(torch.float64).numpy()
     if len(x) < x.shape[1]:
